@@ -1,0 +1,198 @@
+"""Model checkpoints in Orbax.
+
+One layout serves converted weights and training runs: an Orbax `CheckpointManager` directory whose
+steps hold the items
+  - `model`:  JSON describing the architecture (family, zoo name, full config),
+  - `params`: the parameters as a nested dict (string keys),
+and, for training runs, `ema_params` and `train_state` (written by deit_jax.train). The converter
+writes step 0. `load_model(dir)` rebuilds the model from `model` and restores `params` (or the EMA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from deit_jax import models
+
+MODEL_ITEM = "model"
+PARAMS_ITEM = "params"
+EMA_ITEM = "ema_params"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used as asked: wrong keys or shapes, or not a checkpoint."""
+
+
+def _key_str(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_str(k) for k in path): v for path, v in leaves}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def model_params(model: nnx.Module, variables=nnx.Param) -> dict[str, Any]:
+  """The model's variables (parameters by default) as a flat {'blocks/0/attn/qkv/kernel': array}."""
+  return flatten(nnx.to_pure_dict(nnx.state(model, variables)))
+
+
+def model_description(model: nnx.Module) -> dict:
+  """What `build_model` needs to rebuild the architecture."""
+  if isinstance(model, models.DeiT):
+    return {"family": "deit", "config": dataclasses.asdict(model.config)}
+  from deit_jax import teachers  # teachers are optional until used
+  return teachers.describe(model)
+
+
+def build_model(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.Module:
+  family = description.get("family")
+  if family == "deit":
+    cfg = dataclasses.replace(models.DeiTConfig(**description["config"]), **overrides).validate()
+    make = lambda: models.DeiT(cfg, rngs=nnx.Rngs(0))
+    return nnx.eval_shape(make) if abstract else make()
+  if family == "teacher":
+    from deit_jax import teachers
+    return teachers.build(description, abstract=abstract, **overrides)
+  raise CheckpointError(f"Unknown model family {family!r} in checkpoint description {description}.")
+
+
+def assign_params(model: nnx.Module, flat: Mapping[str, Any], *, variables=nnx.Param,
+                  resize_pos_embed: bool = True) -> None:
+  """Loads flat parameters into `model`, all or nothing.
+
+  Every key and shape is checked first; a mismatch raises CheckpointError listing the missing,
+  unexpected and mis-shaped keys, and the model is left untouched. A DeiT position embedding for
+  another resolution is resized (bicubic, cls/dist rows kept) when `resize_pos_embed`.
+  """
+  state = nnx.state(model, variables)
+  target = flatten(nnx.to_pure_dict(state))
+  flat = dict(flat)
+  if (resize_pos_embed and isinstance(model, models.DeiT) and "pos_embed" in flat
+      and tuple(np.shape(flat["pos_embed"])) != tuple(target["pos_embed"].shape)):
+    cfg = model.config
+    src = np.asarray(flat["pos_embed"])
+    if src.shape[-1] == cfg.embed_dim and src.shape[1] > cfg.num_prefix_tokens:
+      flat["pos_embed"] = models.resize_pos_embed(src, cfg.num_prefix_tokens, cfg.grid_size)
+  missing = sorted(set(target) - set(flat))
+  unexpected = sorted(set(flat) - set(target))
+  mismatched = sorted(
+      f"{k}: checkpoint {tuple(np.shape(flat[k]))} vs model {tuple(target[k].shape)}"
+      for k in set(target) & set(flat) if tuple(np.shape(flat[k])) != tuple(target[k].shape))
+  if missing or unexpected or mismatched:
+    lines = []
+    if missing:
+      lines.append(f"missing from the checkpoint: {missing}")
+    if unexpected:
+      lines.append(f"not in the model: {unexpected}")
+    if mismatched:
+      lines.append(f"shape mismatches: {mismatched}")
+    raise CheckpointError("Checkpoint does not fit the model; nothing was loaded.\n  "
+                          + "\n  ".join(lines))
+  new = unflatten({k: jax.numpy.asarray(flat[k], dtype=target[k].dtype) for k in target})
+  nnx.replace_by_pure_dict(state, _match_key_types(nnx.to_pure_dict(state), new))
+  nnx.update(model, state)
+
+
+def _match_key_types(reference: Mapping, tree: Mapping) -> dict:
+  """String keys back to the reference's key types (nnx.List children are indexed by int)."""
+  by_str = {str(k): k for k in reference}
+  return {by_str[k]: (_match_key_types(reference[by_str[k]], v) if isinstance(v, Mapping) else v)
+          for k, v in tree.items()}
+
+
+def _abstract(flat: Mapping[str, Any]) -> dict:
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                    for k, v in flat.items()})
+
+
+def save_model(model: nnx.Module, directory: str, *, step: int = 0) -> str:
+  """Writes `model`'s parameters (and its description) as step `step` of an Orbax checkpoint."""
+  directory = os.path.abspath(directory)
+  params = unflatten(model_params(model, _persistent_filter(model)))
+  with ocp.CheckpointManager(directory, item_names=(MODEL_ITEM, PARAMS_ITEM)) as mngr:
+    if step in mngr.all_steps():
+      raise CheckpointError(f"{directory} already holds a checkpoint at step {step}; write to "
+                            f"another directory or delete it first.")
+    mngr.save(step, args=ocp.args.Composite(**{
+        MODEL_ITEM: ocp.args.JsonSave(model_description(model)),
+        PARAMS_ITEM: ocp.args.StandardSave(params)}), force=True)
+    mngr.wait_until_finished()
+  return directory
+
+
+def _persistent_filter(model):
+  """Parameters, plus BatchNorm statistics for CNN teachers."""
+  return nnx.Param if isinstance(model, models.DeiT) else (nnx.Param, nnx.BatchStat)
+
+
+def _open(directory: str, *items: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory), item_names=items,
+                               options=ocp.CheckpointManagerOptions(create=False))
+
+
+def read_description(directory: str, step: int | None = None) -> tuple[dict, int]:
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No checkpoint directory at {directory}.")
+  with _open(directory, MODEL_ITEM) as mngr:
+    steps = mngr.all_steps()
+    if not steps:
+      raise CheckpointError(f"{directory} holds no Orbax checkpoint steps (expected a directory "
+                            f"written by `python -m deit_jax.convert` or by training).")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"No step {step} in {directory}; available steps: {sorted(steps)}.")
+    try:
+      desc = mngr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a broken directory
+      raise CheckpointError(f"Cannot read the model description of step {step} in {directory}: "
+                            f"{e}") from e
+  return dict(desc[MODEL_ITEM]), step
+
+
+def load_model(directory: str, *, step: int | None = None, ema: bool = False,
+               **overrides) -> nnx.Module:
+  """The model stored in an Orbax checkpoint directory, in eval mode.
+
+  step: which step (default: the latest). ema: restore the EMA weights of a training run.
+  overrides: architecture changes such as img_size=384 (position embeddings are resized),
+  dtype='bfloat16' or attention_impl='cudnn'.
+  """
+  description, step = read_description(directory, step)
+  item = EMA_ITEM if ema else PARAMS_ITEM
+  stored = build_model(description, abstract=True)
+  target = _abstract(model_params(stored, _persistent_filter(stored)))
+  with _open(directory, item) as mngr:
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(target)}))[item]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"Cannot restore {item!r} from step {step} of {directory}: {e}") from e
+  model = build_model(description, **overrides)
+  assign_params(model, flatten(restored), variables=_persistent_filter(model))
+  model.eval()
+  return model
