@@ -1,0 +1,97 @@
+"""DeiT's objectives, with the official reductions.
+
+`distillation_loss` is the official `DistillationLoss`:
+  total = (1 - alpha) * base + alpha * distill
+  base     cross-entropy of the class head on the (mixed, smoothed) targets
+  soft     KL(teacher || student) of tau-softened distributions, x tau^2, summed and divided by
+           batch x classes ('official'; 'batchmean' divides by the batch only)
+  hard     cross-entropy of the distillation head against the teacher's argmax (no smoothing)
+For a distilled model the distillation term goes to the distillation head; for a plain model it
+goes to the class head ("class token only" in the paper). With kind='none' a distilled model's
+distillation head gets no gradient, exactly as in the official code.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("none", "soft", "hard")
+REDUCTIONS = ("official", "batchmean")
+
+
+def one_hot_smoothed(labels, num_classes: int, smoothing: float = 0.0):
+  """timm's smoothed one-hot: 1 - s + s/C on the label, s/C elsewhere."""
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def cross_entropy(logits, targets, *, label_smoothing: float = 0.0):
+  """Mean cross-entropy. Integer targets: timm's LabelSmoothingCrossEntropy (the official loss
+  without mixup). Probability targets (mixup/cutmix, already smoothed): SoftTargetCrossEntropy."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if jnp.issubdtype(jnp.asarray(targets).dtype, jnp.integer):
+    nll = -jnp.take_along_axis(logp, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    smooth = -logp.mean(axis=-1)
+    return jnp.mean((1.0 - label_smoothing) * nll + label_smoothing * smooth)
+  return jnp.mean(jnp.sum(-targets * logp, axis=-1))
+
+
+def soft_distillation(student_logits, teacher_logits, *, tau: float = 1.0,
+                      reduction: str = "official"):
+  """KL(teacher || student) at temperature tau, times tau^2."""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau, axis=-1)
+  kl = jnp.sum(jnp.exp(t) * (t - s))
+  denom = student_logits.size if reduction == "official" else student_logits.shape[0]
+  return kl * (tau * tau) / denom
+
+
+def hard_distillation(student_logits, teacher_logits):
+  return cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
+
+
+def _check(kind, reduction, alpha):
+  if kind not in KINDS:
+    raise ValueError(f"Unknown distillation kind {kind!r}; use one of {KINDS}.")
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"Unknown reduction {reduction!r}; use one of {REDUCTIONS}.")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha={alpha} must be in [0, 1].")
+
+
+def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: str,
+                       alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
+                       label_smoothing: float = 0.0) -> dict:
+  """{'loss', 'base', 'distill'}; see `distillation_loss`."""
+  _check(kind, reduction, alpha)
+  if isinstance(student_logits, Sequence) and not hasattr(student_logits, "shape"):
+    cls_logits, dist_logits = student_logits
+  else:
+    cls_logits = dist_logits = student_logits  # class token only
+  base = cross_entropy(cls_logits, targets, label_smoothing=label_smoothing)
+  if kind == "none":
+    return {"loss": base, "base": base, "distill": jnp.zeros_like(base)}
+  if teacher_logits is None:
+    raise ValueError(f"Distillation kind {kind!r} needs teacher logits.")
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  if kind == "soft":
+    distill = soft_distillation(dist_logits, teacher_logits, tau=tau, reduction=reduction)
+  else:
+    distill = hard_distillation(dist_logits, teacher_logits)
+  return {"loss": (1.0 - alpha) * base + alpha * distill, "base": base, "distill": distill}
+
+
+def distillation_loss(student_logits, targets, teacher_logits=None, *, kind: str,
+                      alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
+                      label_smoothing: float = 0.0):
+  """The official DeiT loss (see the module docstring).
+
+  student_logits: `(cls_logits, dist_logits)` for a distilled model, or one array.
+  targets: integer labels (smoothed with `label_smoothing`) or probabilities (mixup targets).
+  teacher_logits: the frozen teacher's logits on the same (mixed) images; unused for 'none'.
+  """
+  return distillation_terms(student_logits, targets, teacher_logits, kind=kind, alpha=alpha,
+                            tau=tau, reduction=reduction, label_smoothing=label_smoothing)["loss"]
