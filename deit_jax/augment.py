@@ -1,0 +1,852 @@
+"""DeiT image transforms in TensorFlow: stateless, graph-mode, for `tf.data.Dataset.map`.
+
+The official DeiT recipe (timm's `create_transform`, PIL + torchvision) is, for training:
+
+  RandomResizedCrop -> horizontal flip -> RandAugment (or color jitter) -> ToTensor/normalize
+  -> RandomErasing
+
+and for evaluation: resize the shorter side to `int(input_size / crop_pct)` (bicubic), center
+crop, normalize. With `three_augment=True` the whole training transform is DeiT III's
+ThreeAugment instead (crop, flip, one of grayscale/solarize/blur, color jitter, normalize; no
+RandAugment, no RandomErasing), as the official `main.py` replaces the timm transform with it.
+
+Every random choice comes from the `seed` argument (shape [2], int32/int64) through
+`tf.random.stateless_*`, so a given (image, seed) always gives the same output; each stage
+gets its own seed by `stateless_fold_in(seed, stage)`.
+
+The RandAugment ops reproduce PIL's uint8 arithmetic (LUTs, `Image.blend` truncation, the
+`ImageFilter.SMOOTH` rounding, `Image.transform`'s bicubic with a = -1 and its fill rule):
+invert / posterize / solarize / solarize_add / auto_contrast / equalize / the enhance ops
+are bit-exact, the affine ops match up to rare +-1 float rounding.
+Documented differences from the PIL pipeline:
+  * resizes (RandomResizedCrop, eval) use `tf.image.resize(antialias=True)`, the same
+    kernels as PIL's resize but in float instead of PIL's fixed point: mean |diff| ~0.2
+    grey levels, max a few levels.
+  * ThreeAugment's blur is a true Gaussian (sigma = radius); PIL approximates it with three
+    box blurs.
+"""
+import dataclasses
+import math
+import re
+
+import ml_collections
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Stage ids folded into the example seed, so the stages draw independent numbers and adding a
+# stage never changes the draws of another.
+_STAGE_CROP = 1
+_STAGE_FLIP = 2
+_STAGE_RAND_AUGMENT = 3
+_STAGE_COLOR_JITTER = 4
+_STAGE_THREE_AUGMENT = 5
+_STAGE_ERASE = 6
+
+_INTERPOLATIONS = ("bicubic", "bilinear")
+_ERASE_MODES = ("const", "rand", "pixel")
+
+
+def default_augment_config():
+  """The official DeiT (timm) training and eval augmentation settings."""
+  return ml_collections.ConfigDict(dict(
+      input_size=224,
+      # Eval resizes the shorter side to int(input_size / crop_pct); timm's default is 0.9.
+      crop_pct=0.875,
+      scale=(0.08, 1.0),
+      ratio=(3. / 4., 4. / 3.),
+      interpolation="bicubic",
+      hflip=0.5,
+      # timm RandAugment string; '' or None turns it off (then color_jitter is used).
+      auto_augment="rand-m9-mstd0.5-inc1",
+      color_jitter=0.3,
+      three_augment=False,
+      reprob=0.25,
+      remode="pixel",
+      recount=1,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+  ))
+
+
+def fill_value(mean=IMAGENET_MEAN):
+  """timm's fill for geometric ops: the dataset mean in uint8, (124, 116, 104) for ImageNet."""
+  return tuple(min(255, round(255 * m)) for m in mean)
+
+
+# ------------------------------------------------------------------------------------------
+# uint8 helpers with PIL's arithmetic.
+# ------------------------------------------------------------------------------------------
+
+
+def _truncate_to_uint8(x):
+  """PIL's float -> uint8 store: clip to [0, 255], then truncate (C cast)."""
+  return tf.cast(tf.clip_by_value(x, 0., 255.), tf.uint8)
+
+
+def _round_to_uint8(x):
+  """PIL's resampling store: round half up, clip to [0, 255]."""
+  return tf.cast(tf.clip_by_value(tf.floor(x + 0.5), 0., 255.), tf.uint8)
+
+
+def _blend(degenerate, image, factor):
+  """`Image.blend(degenerate, image, factor)`: float32 `d + f * (i - d)`, then truncate.
+
+  This is how every `ImageEnhance` class works: factor 0 gives `degenerate`, 1 the image,
+  above 1 it extrapolates away from `degenerate` (then clips).
+  """
+  degenerate = tf.cast(degenerate, tf.float32)
+  image = tf.cast(image, tf.float32)
+  factor = tf.cast(factor, tf.float32)
+  return _truncate_to_uint8(degenerate + factor * (image - degenerate))
+
+
+def _grayscale(image):
+  """PIL's `convert('L')` (ITU-R 601-2 in 16-bit fixed point), as int32 [H, W]."""
+  x = tf.cast(image, tf.int32)
+  return tf.bitwise.right_shift(
+      x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000, 16)
+
+
+# ------------------------------------------------------------------------------------------
+# RandAugment ops. Each takes a uint8 [H, W, 3] image and the op's argument (already mapped
+# from the magnitude, see LEVEL_TO_ARG) and returns a uint8 [H, W, 3] image, like timm's ops.
+# ------------------------------------------------------------------------------------------
+
+
+def auto_contrast(image, unused_arg=None):
+  """`ImageOps.autocontrast`: per channel, stretch [min, max] to [0, 255].
+
+  PIL builds `int(ix * scale + offset)` in Python floats (float64), so we do too.
+  """
+  del unused_arg
+  x = tf.cast(image, tf.float64)
+  lo = tf.reduce_min(x, axis=[0, 1])
+  hi = tf.reduce_max(x, axis=[0, 1])
+  # A flat channel (hi <= lo) is left unchanged; the maximum(.., 1) only avoids a division
+  # by zero in the branch that `where` then discards.
+  scale = 255. / tf.maximum(hi - lo, 1.)
+  offset = -lo * scale
+  stretched = tf.clip_by_value(tf.cast(x * scale + offset, tf.int32), 0, 255)
+  return tf.where(hi > lo, tf.cast(stretched, tf.uint8), image)
+
+
+def equalize(image, unused_arg=None):
+  """`ImageOps.equalize`: per-channel histogram equalisation with PIL's exact LUT.
+
+  PIL: step = (pixels - count of the brightest present value) // 255; if step is 0 the
+  channel is unchanged, else lut[i] = (step // 2 + #pixels below i) // step (stored clipped
+  to 255).
+  """
+  del unused_arg
+  x = tf.cast(image, tf.int32)
+  channel = tf.range(3, dtype=tf.int32)
+  hist = tf.math.bincount(tf.reshape(x + 256 * channel, [-1]), minlength=768, maxlength=768,
+                          dtype=tf.int64)
+  hist = tf.reshape(hist, [3, 256])
+  total = tf.reduce_sum(hist, axis=1)
+  # Count of the highest value present in each channel.
+  brightest = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), axis=[1]), axis=1,
+                              output_type=tf.int32)
+  last_count = tf.gather(hist, brightest, batch_dims=1)
+  step = (total - last_count) // 255
+  below = tf.cumsum(hist, axis=1, exclusive=True)
+  safe_step = tf.maximum(step, 1)[:, None]
+  lut = tf.minimum((safe_step // 2 + below) // safe_step, 255)
+  lut = tf.where(step[:, None] > 0, lut, tf.range(256, dtype=tf.int64)[None, :])
+  flat_lut = tf.cast(tf.reshape(lut, [-1]), tf.uint8)
+  return tf.gather(flat_lut, x + 256 * channel)
+
+
+def invert(image, unused_arg=None):
+  """`ImageOps.invert`."""
+  del unused_arg
+  return 255 - image
+
+
+def posterize(image, bits):
+  """`ImageOps.posterize`: keep the `bits` most significant bits.
+
+  0 bits (PosterizeIncreasing at magnitude 10) gives black, as Pillow did when DeiT was
+  trained; Pillow >= 10 raises on 0 bits instead. bits >= 8 is the identity (timm skips it).
+  """
+  shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
+  x = tf.cast(image, tf.int32)
+  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(x, shift), shift), tf.uint8)
+
+
+def solarize(image, threshold):
+  """`ImageOps.solarize`: invert every value >= threshold (256 -> no-op)."""
+  x = tf.cast(image, tf.int32)
+  return tf.cast(tf.where(x >= tf.cast(threshold, tf.int32), 255 - x, x), tf.uint8)
+
+
+def solarize_add(image, add, threshold=128):
+  """timm's `solarize_add`: values below `threshold` get `+add`, saturating at 255."""
+  x = tf.cast(image, tf.int32)
+  added = tf.minimum(x + tf.cast(add, tf.int32), 255)
+  return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
+
+
+def color(image, factor):
+  """`ImageEnhance.Color`: blend with the grayscale image (0 = grayscale)."""
+  gray = tf.cast(_grayscale(image), tf.uint8)[..., None]
+  return _blend(tf.broadcast_to(gray, tf.shape(image)), image, factor)
+
+
+def contrast(image, factor):
+  """`ImageEnhance.Contrast`: blend with a flat image at the grayscale image's mean.
+
+  The mean is the REAL mean of this image's grayscale (rounded half up, as PIL's
+  `int(mean + 0.5)`); several TF ports use a histogram trick that is off for large images.
+  """
+  gray = tf.cast(_grayscale(image), tf.float64)
+  mean = tf.floor(tf.reduce_mean(gray) + 0.5)
+  return _blend(tf.fill(tf.shape(image), tf.cast(mean, tf.float32)), image, factor)
+
+
+def brightness(image, factor):
+  """`ImageEnhance.Brightness`: blend with black."""
+  return _blend(tf.zeros(tf.shape(image), tf.float32), image, factor)
+
+
+def _smooth(image):
+  """`ImageFilter.SMOOTH`: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded half up.
+
+  PIL leaves the one-pixel border unchanged. The weighted sum s is an integer and s / 13 is
+  never exactly x.5, so the integer form floor((2s + 13) / 26) is exact.
+  """
+  x = tf.cast(image, tf.float32)
+  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]])
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  total = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "SAME")[0]
+  smoothed = tf.cast((2 * tf.cast(total, tf.int32) + 13) // 26, tf.uint8)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  rows = tf.range(h)[:, None, None]
+  cols = tf.range(w)[None, :, None]
+  interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
+  return tf.where(interior, smoothed, image)
+
+
+def sharpness(image, factor):
+  """`ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (0 = smoothed)."""
+  return _blend(_smooth(image), image, factor)
+
+
+def _as_float64(x):
+  """float64 tensor of `x`; Python numbers go straight to float64 (not via float32)."""
+  if isinstance(x, (int, float)):
+    return tf.constant(x, tf.float64)
+  return tf.cast(x, tf.float64)
+
+
+def _interpolate(taps, frac, interpolation):
+  """PIL's 1-D interpolation of `taps` [..., T, C] at fraction `frac` [...], in its exact
+  arithmetic form (Geometry.c): the transform bicubic is the a = -1 cubic convolution written
+  as a polynomial in `frac`; bilinear is a lerp. T is 4 (bicubic) or 2 (bilinear)."""
+  d = frac[..., None]
+  if interpolation == "bicubic":
+    v1, v2, v3, v4 = tf.unstack(taps, axis=-2)
+    p2 = -v1 + v3
+    p3 = 2. * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+  a, b = tf.unstack(taps, axis=-2)
+  return a + (b - a) * d
+
+
+def _tap_offsets(interpolation):
+  return tf.constant([-1, 0, 1, 2] if interpolation == "bicubic" else [0, 1], tf.int32)
+
+
+def _warp_rows(image, xin, fill, interpolation):
+  """Resample every output pixel from its own row, at source x = `xin` [H, W] (float64).
+
+  This is `Image.transform` for maps that keep y (ShearX, TranslateX): PIL samples at the
+  pixel-centre coordinate `xin - 0.5` with edge-clamped taps, fills outputs whose `xin` falls
+  outside [0, W), computes in double and truncates.
+  """
+  w = tf.shape(image)[1]
+  pos = xin - 0.5
+  start = tf.floor(pos)
+  cols = tf.clip_by_value(tf.cast(start, tf.int32)[..., None] + _tap_offsets(interpolation),
+                          0, w - 1)
+  taps = tf.gather(tf.cast(image, tf.float64), cols, axis=1, batch_dims=1)  # [H, W, T, 3]
+  value = _interpolate(taps, pos - start, interpolation)
+  inside = (xin >= 0.) & (xin < tf.cast(w, tf.float64))
+  fill = tf.constant(fill, tf.uint8)
+  return tf.where(inside[..., None], _truncate_to_uint8(value), fill)
+
+
+def _warp_2d(image, xin, yin, fill, interpolation):
+  """`Image.transform` for a general map: source (xin, yin) [H, W] per output pixel.
+
+  Like PIL: interpolate each of the T tap rows along x, then those along y.
+  """
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  pos_x, pos_y = xin - 0.5, yin - 0.5
+  start_x, start_y = tf.floor(pos_x), tf.floor(pos_y)
+  offsets = _tap_offsets(interpolation)
+  cols = tf.clip_by_value(tf.cast(start_x, tf.int32)[..., None] + offsets, 0, w - 1)
+  rows = tf.clip_by_value(tf.cast(start_y, tf.int32)[..., None] + offsets, 0, h - 1)
+  index = rows[..., :, None] * w + cols[..., None, :]  # [H, W, T(y), T(x)]
+  taps = tf.gather(tf.reshape(tf.cast(image, tf.float64), [-1, 3]), index)
+  along_x = _interpolate(taps, (pos_x - start_x)[..., None], interpolation)  # [H, W, T, 3]
+  value = _interpolate(along_x, pos_y - start_y, interpolation)
+  inside = ((xin >= 0.) & (xin < tf.cast(w, tf.float64)) &
+            (yin >= 0.) & (yin < tf.cast(h, tf.float64)))
+  fill = tf.constant(fill, tf.uint8)
+  return tf.where(inside[..., None], _truncate_to_uint8(value), fill)
+
+
+def _pixel_centres(image):
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  ys = tf.range(h, dtype=tf.float64)[:, None] + 0.5
+  xs = tf.range(w, dtype=tf.float64)[None, :] + 0.5
+  return xs, ys
+
+
+def _transpose(image):
+  return tf.transpose(image, [1, 0, 2])
+
+
+def shear_x(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
+  """timm `shear_x`: AFFINE (1, factor, 0, 0, 1, 0), i.e. output (x, y) <- input (x + f y, y)."""
+  xs, ys = _pixel_centres(image)
+  xin = xs + _as_float64(factor) * ys
+  return _warp_rows(image, xin, fill, interpolation)
+
+
+def shear_y(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
+  """timm `shear_y`: AFFINE (1, 0, 0, factor, 1, 0); ShearX of the transposed image."""
+  return _transpose(shear_x(_transpose(image), factor, fill, interpolation))
+
+
+def translate_x_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
+  """timm `translate_x_rel`: output (x, y) <- input (x + pct * width, y)."""
+  xs, _ = _pixel_centres(image)
+  pixels = _as_float64(pct) * tf.cast(tf.shape(image)[1], tf.float64)
+  xin = tf.broadcast_to(xs + pixels, tf.shape(image)[:2])
+  return _warp_rows(image, xin, fill, interpolation)
+
+
+def translate_y_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
+  """timm `translate_y_rel`: output (x, y) <- input (x, y + pct * height)."""
+  return _transpose(translate_x_rel(_transpose(image), pct, fill, interpolation))
+
+
+def rotate(image, degrees, fill=(128, 128, 128), interpolation="bicubic"):
+  """PIL `Image.rotate(degrees)` (counter-clockwise, about the centre, same size)."""
+  h = tf.cast(tf.shape(image)[0], tf.float64)
+  w = tf.cast(tf.shape(image)[1], tf.float64)
+  angle = -_as_float64(degrees) * (math.pi / 180.)
+  # PIL's inverse matrix: rotation by -angle about (w / 2, h / 2), with cos and sin rounded
+  # to 15 decimals as PIL does.
+  cos = tf.round(tf.cos(angle) * 1e15) / 1e15
+  sin = tf.round(tf.sin(angle) * 1e15) / 1e15
+  cx, cy = w / 2., h / 2.
+  xs, ys = _pixel_centres(image)
+  xin = cos * xs + sin * ys + (cos * -cx + sin * -cy + cx)
+  yin = -sin * xs + cos * ys + (-sin * -cx + cos * -cy + cy)
+  return _warp_2d(image, xin, yin, fill, interpolation)
+
+
+# Name -> op, as timm's NAME_TO_OP. 'Increasing' variants share the op and differ only in
+# how the magnitude maps to the argument.
+OPS = {
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Invert": invert,
+    "Rotate": rotate,
+    "Posterize": posterize,
+    "PosterizeIncreasing": posterize,
+    "Solarize": solarize,
+    "SolarizeIncreasing": solarize,
+    "SolarizeAdd": solarize_add,
+    "Color": color,
+    "ColorIncreasing": color,
+    "Contrast": contrast,
+    "ContrastIncreasing": contrast,
+    "Brightness": brightness,
+    "BrightnessIncreasing": brightness,
+    "Sharpness": sharpness,
+    "SharpnessIncreasing": sharpness,
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateXRel": translate_x_rel,
+    "TranslateYRel": translate_y_rel,
+}
+# Ops that move pixels: they take the fill colour and the interpolation.
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+# timm's `_RAND_TRANSFORMS` (inc0) and `_RAND_INCREASING_TRANSFORMS` (inc1), in timm's order.
+RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+            "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+            "TranslateXRel", "TranslateYRel")
+RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                       "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
+                       "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+                       "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+# ------------------------------------------------------------------------------------------
+# Magnitude (level in [0, 10]) -> op argument, as timm's LEVEL_TO_ARG. `negate` is the random
+# sign timm draws with `_randomly_negate` (a bool tensor; ignored by unsigned maps).
+# ------------------------------------------------------------------------------------------
+
+_LEVEL_DENOM = 10.
+
+
+def _signed(value, negate):
+  return tf.where(negate, -value, value)
+
+
+def _rotate_arg(level, negate):
+  return _signed(level / _LEVEL_DENOM * 30., negate)  # degrees in [-30, 30]
+
+
+def _enhance_arg(level, unused_negate):
+  return level / _LEVEL_DENOM * 1.8 + 0.1  # [0.1, 1.9], 1 = identity at level 5
+
+
+def _enhance_increasing_arg(level, negate):
+  # Farther from the identity (1.0) as the level grows, either direction, kept >= 0.1.
+  return tf.maximum(0.1, 1. + _signed(level / _LEVEL_DENOM * .9, negate))
+
+
+def _shear_arg(level, negate):
+  return _signed(level / _LEVEL_DENOM * 0.3, negate)
+
+
+def _translate_rel_arg(level, negate):
+  return _signed(level / _LEVEL_DENOM * 0.45, negate)  # timm's translate_pct 0.45
+
+
+def _int(x):
+  """Python's int() of a non-negative float."""
+  return tf.floor(x)
+
+
+def _posterize_arg(level, unused_negate):
+  return _int(level / _LEVEL_DENOM * 4.)  # bits kept, 0..4
+
+
+def _posterize_increasing_arg(level, unused_negate):
+  return 4. - _posterize_arg(level, None)  # bits kept, 4..0
+
+
+def _solarize_arg(level, unused_negate):
+  return tf.minimum(256., _int(level / _LEVEL_DENOM * 256.))  # threshold 0..256
+
+
+def _solarize_increasing_arg(level, unused_negate):
+  return 256. - _solarize_arg(level, None)  # threshold 256..0
+
+
+def _solarize_add_arg(level, unused_negate):
+  return tf.minimum(128., _int(level / _LEVEL_DENOM * 110.))  # added value 0..110
+
+
+LEVEL_TO_ARG = {
+    "AutoContrast": None,
+    "Equalize": None,
+    "Invert": None,
+    "Rotate": _rotate_arg,
+    "Posterize": _posterize_arg,
+    "PosterizeIncreasing": _posterize_increasing_arg,
+    "Solarize": _solarize_arg,
+    "SolarizeIncreasing": _solarize_increasing_arg,
+    "SolarizeAdd": _solarize_add_arg,
+    "Color": _enhance_arg,
+    "ColorIncreasing": _enhance_increasing_arg,
+    "Contrast": _enhance_arg,
+    "ContrastIncreasing": _enhance_increasing_arg,
+    "Brightness": _enhance_arg,
+    "BrightnessIncreasing": _enhance_increasing_arg,
+    "Sharpness": _enhance_arg,
+    "SharpnessIncreasing": _enhance_increasing_arg,
+    "ShearX": _shear_arg,
+    "ShearY": _shear_arg,
+    "TranslateXRel": _translate_rel_arg,
+    "TranslateYRel": _translate_rel_arg,
+}
+
+
+def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic"):
+  """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map."""
+  level = _as_float64(level)  # timm maps levels in Python floats
+  level_fn = LEVEL_TO_ARG[name]
+  arg = None if level_fn is None else level_fn(level, tf.convert_to_tensor(negate))
+  if name in GEOMETRIC_OPS:
+    return OPS[name](image, arg, fill=fill, interpolation=interpolation)
+  return OPS[name](image, arg)
+
+
+# ------------------------------------------------------------------------------------------
+# RandAugment.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugmentSpec:
+  """A parsed timm RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'."""
+  magnitude: float = 10.
+  num_layers: int = 2
+  prob: float = 0.5
+  magnitude_std: float = 0.  # math.inf: uniform in [0, magnitude] (timm: mstd > 100)
+  magnitude_max: float = _LEVEL_DENOM
+  ops: tuple = RAND_OPS
+
+
+def parse_rand_augment(config_str):
+  """Parse timm's RandAugment grammar: 'rand' then dash-separated m, n, p, mstd, mmax, inc."""
+  sections = config_str.split("-")
+  if sections[0] != "rand":
+    raise ValueError(
+        f"auto_augment={config_str!r}: only timm RandAugment strings ('rand-...') are "
+        "supported (AutoAugment policies and AugMix are not); use e.g. "
+        "'rand-m9-mstd0.5-inc1', or '' to turn it off.")
+  values = {}
+  for section in sections[1:]:
+    key, _, value = re.match(r"([a-z]*)(.*)", section).groups()
+    if key == "t":
+      raise ValueError(f"auto_augment={config_str!r}: transform-set sections ('t...') are not "
+                       "supported; remove them to use timm's default op sets.")
+    if key not in ("m", "n", "p", "mstd", "mmax", "inc") or not value:
+      raise ValueError(f"auto_augment={config_str!r}: unknown section {section!r}; expected "
+                       "m<int>, n<int>, p<float>, mstd<float>, mmax<int> or inc<0|1>.")
+    values[key] = value
+  mstd = float(values.get("mstd", 0.))
+  return RandAugmentSpec(
+      magnitude=float(int(values.get("m", 10))),
+      num_layers=int(values.get("n", 2)),
+      prob=float(values.get("p", 0.5)),
+      magnitude_std=math.inf if mstd > 100 else mstd,
+      magnitude_max=float(int(values["mmax"])) if "mmax" in values else _LEVEL_DENOM,
+      ops=RAND_INCREASING_OPS if int(values.get("inc", 0)) else RAND_OPS)
+
+
+def _sample_magnitude(seed, spec):
+  """Per-op magnitude: timm's `gauss(m, mstd)` (or uniform for mstd=inf), clipped."""
+  if spec.magnitude_std == math.inf:
+    level = tf.random.stateless_uniform([], seed, 0., spec.magnitude)
+  elif spec.magnitude_std > 0:
+    level = spec.magnitude + spec.magnitude_std * tf.random.stateless_normal([], seed)
+  else:
+    level = tf.constant(spec.magnitude, tf.float32)
+  return tf.clip_by_value(level, 0., spec.magnitude_max)
+
+
+def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic"):
+  """timm `RandAugment`: `num_layers` ops drawn uniformly with replacement, each applied with
+  probability `spec.prob` at a freshly sampled magnitude and sign.
+
+  One `switch_case` per layer runs only the chosen op (or the identity when the layer is
+  skipped), so unchosen ops cost nothing.
+  """
+  num_ops = len(spec.ops)
+  for layer in range(spec.num_layers):
+    layer_seed = tf.random.experimental.stateless_fold_in(seed, layer)
+    seeds = tf.random.experimental.stateless_split(layer_seed, 4)
+    op_index = tf.random.stateless_uniform([], seeds[0], 0, num_ops, dtype=tf.int32)
+    applied = tf.random.stateless_uniform([], seeds[1]) <= spec.prob  # timm skips if u > p
+    level = _sample_magnitude(seeds[2], spec)
+    negate = tf.random.stateless_uniform([], seeds[3]) > 0.5
+    # Default arguments bind this layer's input image and op name into each branch.
+    branches = [
+        lambda name=name, image=image: apply_op(name, image, level, negate, fill, interpolation)
+        for name in spec.ops]
+    branches.append(lambda image=image: image)  # layer skipped
+    image = tf.switch_case(tf.where(applied, op_index, num_ops), branches)
+  return image
+
+
+# ------------------------------------------------------------------------------------------
+# RandomResizedCrop, flip, color jitter, ThreeAugment, normalize, RandomErasing, eval.
+# ------------------------------------------------------------------------------------------
+
+
+def sample_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.)):
+  """torchvision/timm RandomResizedCrop box as int32 (top, left, crop_height, crop_width).
+
+  10 attempts with area uniform in `scale` x image area and log-uniform aspect (w / h) in
+  `ratio`; the first that fits wins, else the central crop clamped to `ratio`.
+  """
+  height = tf.cast(height, tf.int32)
+  width = tf.cast(width, tf.int32)
+  h_f = tf.cast(height, tf.float32)
+  w_f = tf.cast(width, tf.float32)
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  target_area = tf.random.stateless_uniform([10], area_seed, scale[0], scale[1]) * h_f * w_f
+  aspect = tf.exp(tf.random.stateless_uniform([10], ratio_seed, math.log(ratio[0]),
+                                              math.log(ratio[1])))
+  # tf.round rounds half to even, like Python's round().
+  crop_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+  crop_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  any_fits = tf.reduce_any(fits)
+
+  # Fallback: the whole image, cut down to the nearest allowed aspect ratio.
+  in_ratio = w_f / h_f
+  fallback_w = tf.where(in_ratio > ratio[1],
+                        tf.cast(tf.round(h_f * ratio[1]), tf.int32), width)
+  fallback_h = tf.where(in_ratio < ratio[0],
+                        tf.cast(tf.round(w_f / ratio[0]), tf.int32), height)
+
+  crop_h = tf.where(any_fits, crop_h[first], fallback_h)
+  crop_w = tf.where(any_fits, crop_w[first], fallback_w)
+  top = tf.where(any_fits,
+                 tf.random.stateless_uniform([], top_seed, 0, height - crop_h + 1, tf.int32),
+                 (height - crop_h) // 2)
+  left = tf.where(any_fits,
+                  tf.random.stateless_uniform([], left_seed, 0, width - crop_w + 1, tf.int32),
+                  (width - crop_w) // 2)
+  return top, left, crop_h, crop_w
+
+
+def _resize(image, size, interpolation):
+  """PIL-like resize of uint8 [h, w, 3] to `size` (h, w): antialiased, rounded to uint8."""
+  resized = tf.image.resize(tf.cast(image, tf.float32), size, method=interpolation,
+                            antialias=True)
+  return _round_to_uint8(resized)
+
+
+def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.),
+                        interpolation="bicubic"):
+  """Crop a `sample_crop_box` box and resize only that crop to size x size (uint8)."""
+  shape = tf.shape(image)
+  top, left, crop_h, crop_w = sample_crop_box(seed, shape[0], shape[1], scale, ratio)
+  crop = tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
+  return _resize(crop, [size, size], interpolation)
+
+
+def random_horizontal_flip(image, seed, prob=0.5):
+  flip = tf.random.stateless_uniform([], seed) < prob
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def color_jitter(image, seed, strength):
+  """torchvision `ColorJitter(s, s, s)` on a PIL image: brightness, contrast and saturation
+  factors uniform in [max(0, 1 - s), 1 + s], applied in a random order (hue is off)."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  factors = tf.random.stateless_uniform([3], seeds[0], max(0., 1. - strength), 1. + strength)
+  order = tf.argsort(tf.random.stateless_uniform([3], seeds[1]))  # a uniform permutation
+  enhance = (brightness, contrast, color)  # torchvision: saturation = ImageEnhance.Color
+  for position in range(3):
+    op_index = order[position]
+    factor = tf.gather(factors, op_index)
+    current = image
+    image = tf.switch_case(op_index, [
+        (lambda fn=fn, current=current: fn(current, factor)) for fn in enhance])
+  return image
+
+
+def gaussian_blur(image, sigma, max_sigma=2.0):
+  """Separable Gaussian blur, edges replicated, rounded to uint8 (ThreeAugment's blur)."""
+  radius = int(math.ceil(3 * max_sigma))
+  taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+  sigma = tf.cast(sigma, tf.float32)
+  weights = tf.exp(-0.5 * tf.square(taps / sigma))
+  weights /= tf.reduce_sum(weights)
+  x = tf.cast(image, tf.float32)
+  for axis in (0, 1):
+    n = tf.shape(x)[axis]
+    index = tf.clip_by_value(tf.range(n)[:, None] + tf.range(-radius, radius + 1)[None, :],
+                             0, n - 1)  # [n, taps], clamped = edge replication
+    gathered = tf.gather(x, index, axis=axis)  # axis 0: [n, T, W, 3]; axis 1: [H, n, T, 3]
+    x = tf.tensordot(gathered, weights, axes=[[axis + 1], [0]])
+  return _round_to_uint8(x)
+
+
+def three_augment(image, seed):
+  """DeiT III: one of grayscale, solarize (threshold 128), Gaussian blur (radius uniform in
+  [0.1, 2]), chosen uniformly."""
+  choice_seed, sigma_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  choice = tf.random.stateless_uniform([], choice_seed, 0, 3, tf.int32)
+  sigma = tf.random.stateless_uniform([], sigma_seed, 0.1, 2.0)
+  gray = lambda: tf.tile(tf.cast(_grayscale(image), tf.uint8)[..., None], [1, 1, 3])
+  return tf.switch_case(choice, [gray, lambda: solarize(image, 128),
+                                 lambda: gaussian_blur(image, sigma)])
+
+
+def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """ToTensor (/255) then Normalize, channels last."""
+  x = tf.cast(image, tf.float32) / 255.
+  return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def sample_erase_box(seed, height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                     max_aspect=None, count=1):
+  """timm RandomErasing box as int32 (top, left, erase_h, erase_w); (0, 0, 0, 0) if none of
+  the 10 attempts fits (strictly smaller than the image), as timm then erases nothing."""
+  max_aspect = max_aspect or 1 / min_aspect
+  area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  height = tf.cast(height, tf.int32)
+  width = tf.cast(width, tf.int32)
+  area = tf.cast(height * width, tf.float32)
+  count = tf.cast(count, tf.float32)
+  target_area = tf.random.stateless_uniform([10], area_seed, min_area, max_area) * area / count
+  aspect = tf.exp(tf.random.stateless_uniform([10], aspect_seed, math.log(min_aspect),
+                                              math.log(max_aspect)))
+  erase_h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+  erase_w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+  fits = (erase_w < width) & (erase_h < height)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  any_fits = tf.reduce_any(fits)
+  erase_h = tf.where(any_fits, erase_h[first], 0)
+  erase_w = tf.where(any_fits, erase_w[first], 0)
+  top = tf.random.stateless_uniform([], top_seed, 0, height - erase_h + 1, tf.int32)
+  left = tf.random.stateless_uniform([], left_seed, 0, width - erase_w + 1, tf.int32)
+  return top, left, erase_h, erase_w
+
+
+def random_erasing(image, seed, prob=0.25, mode="pixel", max_count=1, min_area=0.02,
+                   max_area=1 / 3, min_aspect=0.3):
+  """timm `RandomErasing` on a normalized float image [H, W, C].
+
+  With probability `prob`, erase 1..max_count boxes (each with area / count) with
+  per-pixel standard normal noise ('pixel'), one normal colour per box ('rand') or 0
+  ('const'). Only the erased rectangle is generated, so the cost follows its area.
+  """
+  if mode not in _ERASE_MODES:
+    raise ValueError(f"remode={mode!r}: expected one of {_ERASE_MODES}.")
+  apply_seed, count_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  apply = tf.random.stateless_uniform([], apply_seed) <= prob  # timm skips if u > p
+  if max_count > 1:
+    count = tf.random.stateless_uniform([], count_seed, 1, max_count + 1, tf.int32)
+  else:
+    count = tf.constant(1, tf.int32)
+  shape = tf.shape(image)
+  h, w, c = shape[0], shape[1], shape[2]
+  rows = tf.range(h)[:, None, None]
+  cols = tf.range(w)[None, :, None]
+  for box in range(max_count):
+    box_seeds = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(box_seed, box), 2)
+    top, left, eh, ew = sample_erase_box(box_seeds[0], h, w, min_area, max_area, min_aspect,
+                                         count=count)
+    active = apply & (box < count)
+    eh = tf.where(active, eh, 0)
+    ew = tf.where(active, ew, 0)
+    if mode == "pixel":
+      patch = tf.random.stateless_normal([eh, ew, c], box_seeds[1])
+    elif mode == "rand":
+      patch = tf.broadcast_to(tf.random.stateless_normal([1, 1, c], box_seeds[1]), [eh, ew, c])
+    else:
+      patch = tf.zeros([eh, ew, c])
+    patch = tf.pad(patch, [[top, h - top - eh], [left, w - left - ew], [0, 0]])
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    image = tf.where(inside, patch, image)
+  return image
+
+
+def _check_image(image):
+  image = tf.convert_to_tensor(image)
+  if image.dtype != tf.uint8:
+    raise TypeError(f"image must be uint8 [H, W, 3], got {image.dtype}; decode with "
+                    "tf.io.decode_jpeg(..., channels=3) or cast a [0, 255] image to uint8.")
+  if image.shape.rank is not None and (image.shape.rank != 3 or image.shape[-1] not in (None, 3)):
+    raise ValueError(f"image must be [H, W, 3], got shape {image.shape}; decode with "
+                     "channels=3 to turn grayscale/RGBA into RGB.")
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def _check_seed(seed):
+  seed = tf.convert_to_tensor(seed)
+  if seed.dtype not in (tf.int32, tf.int64) or (seed.shape.rank is not None and
+                                                 seed.shape.as_list() not in ([2], [None])):
+    raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype} "
+                     f"{seed.shape}; derive one with tf.random.experimental.stateless_fold_in.")
+  return seed
+
+
+def check_config(cfg):
+  """Raise ValueError naming the first bad field of an augmentation config."""
+  def bad(field, message):
+    raise ValueError(f"augment config {field}={getattr(cfg, field)!r}: {message}")
+
+  if int(cfg.input_size) <= 0:
+    bad("input_size", "must be a positive int.")
+  if not 0 < cfg.crop_pct <= 1:
+    bad("crop_pct", "must be in (0, 1] (eval resizes to input_size / crop_pct, then crops).")
+  scale, ratio = tuple(cfg.scale), tuple(cfg.ratio)
+  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+    bad("scale", "must be (min, max) area fractions with 0 < min <= max <= 1.")
+  if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+    bad("ratio", "must be (min, max) aspect ratios with 0 < min <= max.")
+  if cfg.interpolation not in _INTERPOLATIONS:
+    bad("interpolation", f"must be one of {_INTERPOLATIONS}.")
+  if not 0 <= cfg.hflip <= 1:
+    bad("hflip", "must be a probability in [0, 1].")
+  if cfg.auto_augment:
+    parse_rand_augment(cfg.auto_augment)
+  if cfg.color_jitter is not None and cfg.color_jitter < 0:
+    bad("color_jitter", "must be >= 0 (or None / 0 for off).")
+  if not 0 <= cfg.reprob <= 1:
+    bad("reprob", "must be a probability in [0, 1].")
+  if cfg.remode not in _ERASE_MODES:
+    bad("remode", f"must be one of {_ERASE_MODES}.")
+  if int(cfg.recount) < 1:
+    bad("recount", "must be >= 1.")
+  if len(tuple(cfg.mean)) != 3 or len(tuple(cfg.std)) != 3 or min(cfg.std) <= 0:
+    bad("std", "mean and std must be 3 values each, std > 0.")
+
+
+def train_transform(image, seed, cfg):
+  """DeiT training transform: uint8 [H, W, 3] + seed [2] -> float32 [S, S, 3], normalized."""
+  check_config(cfg)
+  image = _check_image(image)
+  seed = _check_seed(seed)
+  stage = lambda s: tf.random.experimental.stateless_fold_in(seed, s)
+  size = int(cfg.input_size)
+  image = random_resized_crop(image, stage(_STAGE_CROP), size, tuple(cfg.scale),
+                              tuple(cfg.ratio), cfg.interpolation)
+  image = random_horizontal_flip(image, stage(_STAGE_FLIP), cfg.hflip)
+  jitter = cfg.color_jitter is not None and cfg.color_jitter > 0
+  if cfg.three_augment:
+    # Official DeiT III replaces the whole timm transform: no RandAugment, no erasing.
+    image = three_augment(image, stage(_STAGE_THREE_AUGMENT))
+    if jitter:
+      image = color_jitter(image, stage(_STAGE_COLOR_JITTER), float(cfg.color_jitter))
+    return normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  if cfg.auto_augment:
+    image = rand_augment(image, stage(_STAGE_RAND_AUGMENT),
+                         parse_rand_augment(cfg.auto_augment),
+                         fill=fill_value(tuple(cfg.mean)), interpolation=cfg.interpolation)
+  elif jitter:  # timm disables color jitter while RandAugment is on
+    image = color_jitter(image, stage(_STAGE_COLOR_JITTER), float(cfg.color_jitter))
+  image = normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  if cfg.reprob > 0:
+    image = random_erasing(image, stage(_STAGE_ERASE), cfg.reprob, cfg.remode,
+                           int(cfg.recount))
+  return image
+
+
+def eval_resize_size(cfg):
+  """The eval shorter-side size, int(input_size / crop_pct): 256 for 224 at 0.875."""
+  return int(cfg.input_size / cfg.crop_pct)
+
+
+def eval_transform(image, cfg):
+  """DeiT eval transform: shorter side to int(S / crop_pct) (bicubic), center crop S x S."""
+  check_config(cfg)
+  image = _check_image(image)
+  size = int(cfg.input_size)
+  resize_to = eval_resize_size(cfg)
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  # torchvision Resize(int): the shorter side becomes `resize_to`, the longer one
+  # int(resize_to * long / short) (truncated).
+  short, long = tf.minimum(h, w), tf.maximum(h, w)
+  new_long = tf.cast(resize_to * long // short, tf.int32)
+  new_h = tf.where(h <= w, resize_to, new_long)
+  new_w = tf.where(h <= w, new_long, resize_to)
+  resized = _resize(image, tf.stack([new_h, new_w]), cfg.interpolation)
+  # torchvision CenterCrop: offset int(round((n - size) / 2)), round half to even.
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.), tf.int32)
+  cropped = tf.slice(resized, [top, left, 0], [size, size, 3])
+  return normalize(cropped, tuple(cfg.mean), tuple(cfg.std))
