@@ -1,0 +1,11 @@
+r"""deit_base_distilled_patch16_384 on ImageNet with the official DeiT recipe.
+
+  python launch.py --config configs/deit_base_distilled_patch16_384.py \
+    --config.teacher.checkpoint=ckpt/regnety_160 \
+    --config.init_checkpoint=ckpt/deit_base_distilled_patch16_224
+"""
+from deit_jax import config
+
+
+def get_config():
+  return config.zoo_config("deit_base_distilled_patch16_384")

@@ -1,0 +1,9 @@
+r"""deit_base_patch16_224 on ImageNet with the official DeiT recipe.
+
+  python launch.py --config configs/deit_base_patch16_224.py
+"""
+from deit_jax import config
+
+
+def get_config():
+  return config.zoo_config("deit_base_patch16_224")

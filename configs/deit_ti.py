@@ -1,0 +1,12 @@
+r"""DeiT-Ti at 224 on ImageNet, official recipe; ':distilled' for the distilled twin.
+
+  python launch.py --config configs/deit_ti.py
+  python launch.py --config configs/deit_ti.py:distilled --config.teacher.checkpoint=ckpt/regnety_160
+"""
+from deit_jax import config
+
+
+def get_config(arg=None):
+  if arg not in (None, "", "distilled"):
+    raise ValueError(f"Unknown argument {arg!r}: use configs/deit_ti.py or configs/deit_ti.py:distilled.")
+  return config.zoo_config("deit_tiny_" + ("distilled_" if arg else "") + "patch16_224")

@@ -1,0 +1,62 @@
+"""Evaluation: exact top-1/top-5 over a padded, masked eval stream, for each head and the EMA.
+
+Every process runs the same number of batches (padding rows have mask 0), so the numbers are
+exact at any device or process count.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from deit_jax import data
+
+
+def make_eval_step(eval_graphdef) -> Callable:
+  """Sums of correct top-1/top-5 predictions (masked) for each head and the EMA."""
+
+  def correct(logits, labels, mask):
+    top5 = jax.lax.top_k(logits, 5)[1]
+    hit1 = (top5[:, 0] == labels)
+    hit5 = jnp.any(top5 == labels[:, None], axis=-1)
+    return {"top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask)}
+
+  def heads(params, images):
+    _, aux = nnx.merge(eval_graphdef, params)(images, return_aux=True)
+    out = {"cls": aux["cls_logits"]}
+    if "dist_logits" in aux:
+      out["dist"] = aux["dist_logits"]
+      out["both"] = (aux["cls_logits"] + aux["dist_logits"]) / 2
+    return out
+
+  def step(params, ema, batch):
+    labels, mask = batch["label"], batch["mask"]
+    res = {name: correct(lg, labels, mask) for name, lg in heads(params, batch["image"]).items()}
+    if ema is not None:
+      ema_heads = heads(ema, batch["image"])
+      res["ema"] = correct(ema_heads.get("both", ema_heads["cls"]), labels, mask)
+    res["count"] = jnp.sum(mask)
+    return res
+
+  return step
+
+
+def evaluate(eval_step, params, ema, source, config, batch_sharding) -> dict[str, float]:
+  """Runs `eval_step` over the whole eval source; percentages keyed 'eval/<head>_top1' etc.,
+  plus 'eval/top1' / 'eval/top5' for the head named by config.eval_head."""
+  totals = None
+  for batch in data.eval_iterator(source, config.aug, global_batch_size=config.eval_batch_size):
+    res = eval_step(params, ema, data.to_global(batch, batch_sharding))
+    totals = res if totals is None else jax.tree.map(jnp.add, totals, res)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  out = {f"eval/{head}_{k}": float(v) / count * 100 for head, r in totals.items()
+         for k, v in r.items()}
+  head = config.eval_head if f"eval/{config.eval_head}_top1" in out else "cls"
+  out["eval/top1"], out["eval/top5"] = out[f"eval/{head}_top1"], out[f"eval/{head}_top5"]
+  out["eval/count"] = count
+  return out

@@ -1,0 +1,116 @@
+"""What `launch.py --mode=...` runs: train, eval, benchmark, precompute_teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from deit_jax import checkpoint, data, evaluation, models, sharding, train
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str | None = None):
+  if mode == "train":
+    return train.train_and_evaluate(config, workdir)
+  if mode == "eval":
+    return run_eval(config, workdir, checkpoint)
+  if mode == "benchmark":
+    return run_benchmark(config)
+  if mode == "precompute_teacher":
+    from deit_jax import precompute
+    return precompute.precompute_teacher(config, workdir)
+  raise ValueError(f"Unknown mode {mode!r}.")
+
+
+def _load_ema(directory: str):
+  try:
+    return checkpoint.load_model(directory, ema=True)
+  except checkpoint.CheckpointError:
+    return None  # converted weights and runs without EMA have none
+
+
+def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[str, float]:
+  """Top-1/top-5 of a checkpoint (converted or trained) on config's eval split, every head."""
+  ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  model = checkpoint.load_model(ckpt_dir)
+  if not isinstance(model, models.DeiT):
+    raise ValueError(f"{ckpt_dir} holds a {type(model).__name__}, not a DeiT model.")
+  ema = _load_ema(ckpt_dir) if checkpoint_dir is None else None
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.aug.input_size = model.config.img_size  # the eval transform follows the checkpoint
+  eval_data = ml_collections.ConfigDict(config.data.to_dict())
+  eval_data.split = config.data.eval_split
+  source = data.build_source(eval_data)
+  if source.num_classes != model.config.num_classes:
+    raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
+                     f"{model.config.num_classes}.")
+  mesh = sharding.make_mesh()
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  ema_params = None if ema is None else jax.device_put(nnx.state(ema, nnx.Param),
+                                                       sharding.replicated(mesh))
+  step = jax.jit(evaluation.make_eval_step(graphdef))
+  results = evaluation.evaluate(step, params, ema_params, source, config,
+                                sharding.batch_sharding(mesh))
+  train.log("eval of " + ckpt_dir + ": " + ", ".join(
+      f"{k[5:]} {v:.2f}" for k, v in sorted(results.items()) if k != "eval/count"))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"checkpoint": os.path.abspath(ckpt_dir), **results}, f, indent=2)
+  return results
+
+
+def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, float]:
+  """Images/s of inference (eval_batch_size) and of a train step (batch_size, no teacher) for the
+  config's model on random data, on all devices. Compilation is excluded."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.distillation.kind = "none"
+  num_devices = jax.device_count()
+  train.validate_config(config, num_devices)
+  mesh = sharding.make_mesh(num_devices)
+  plan = train.Plan(num_devices=num_devices, global_batch=config.batch_size,
+                    micro_batch=config.batch_size // config.grad_accum_steps, steps_per_epoch=1000,
+                    total_steps=100_000, warmup_steps=1000, peak_lr=1e-3, num_train_examples=0,
+                    num_eval_examples=0, num_classes=config.data.num_classes)
+  student = train.build_model_state(config, plan, mesh)
+  size = student.model_cfg.img_size
+
+  def images(n):
+    return jax.device_put(jnp.zeros((n, size, size, 3), jnp.float32),
+                          sharding.batch_sharding(mesh))
+
+  def timed(fn, state):
+    """Seconds per call of state -> state, after `warmup` calls."""
+    for _ in range(warmup):
+      state = fn(state)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(iters):
+      state = fn(state)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - t) / iters
+
+  state = student.init()
+  infer = jax.jit(lambda p, x: nnx.merge(student.eval_graphdef, p)(x))
+  eval_images = images(config.eval_batch_size)
+  infer_s = timed(lambda out: infer(state["params"], eval_images), None)
+
+  step = train.jit_train_step(config, plan, student, mesh)
+  batch = {"image": images(config.batch_size),
+           "label": jax.device_put(jnp.zeros((config.batch_size,), jnp.int32),
+                                   sharding.batch_sharding(mesh))}
+  train_s = timed(lambda st: step(st, batch, None)[0], state)
+  result = {"model": config.model, "devices": num_devices,
+            "device_kind": jax.devices()[0].device_kind, "dtype": config.model_kw.dtype,
+            "inference_batch": config.eval_batch_size,
+            "inference_img_per_s": round(config.eval_batch_size / infer_s, 1),
+            "train_batch": config.batch_size,
+            "train_img_per_s": round(config.batch_size / train_s, 1)}
+  train.log(json.dumps(result))
+  return result
