@@ -88,7 +88,8 @@ def test_param_count_other_num_classes():
     ("regnety_032", [(72, 2, 24), (216, 5, 24), (576, 13, 24), (1512, 1, 24)]),
 ])
 def test_regnet_generator_matches_timm(name, stages):
-  got = [(s.width, s.depth, s.group_size) for s in teachers.regnet_stages(teachers.REGNET_CFGS[name])]
+  stage_specs = teachers.regnet_stages(teachers.REGNET_CFGS[name])
+  got = [(s.width, s.depth, s.group_size) for s in stage_specs]
   assert got == stages
 
 
@@ -265,7 +266,8 @@ FULL_DIR = os.environ.get("DEIT_TEACHER_FULL_DIR")
 def test_full_size_parity(name):
   full_io = np.load(os.path.join(FULL_DIR, "io.npz"))
   model = teachers.abstract_teacher(name)
-  teachers.load_torch_state_dict(model, name, load_file(os.path.join(FULL_DIR, f"{name}.safetensors")))
+  state_dict = load_file(os.path.join(FULL_DIR, f"{name}.safetensors"))
+  teachers.load_torch_state_dict(model, name, state_dict)
   logits = np.asarray(forward(model, jnp.asarray(full_io["input_nhwc"])))
   diff = np.abs(logits - full_io[f"{name}/logits_eval"]).max()
   print(f"{name}: max |jax - torch| = {diff:.3g}")
