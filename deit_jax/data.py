@@ -123,7 +123,8 @@ class ArraySource(Source):
       raise ValueError(
           f"{name}: images must be uint8 in [0, 255], got {images.dtype}. Convert with "
           f"np.clip(np.round(x), 0, 255).astype(np.uint8) (scale [0, 1] floats by 255 first).")
-    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+    if (labels.ndim != 1 or len(labels) != len(images)
+        or not np.issubdtype(labels.dtype, np.integer)):
       raise ValueError(
           f"{name}: labels must be a 1-D int array with one label per image; got shape "
           f"{labels.shape}, dtype {labels.dtype} for {len(images)} images.")
@@ -165,12 +166,17 @@ def _sniff_image(path: str) -> str | None:
 
 def _decodable(paths: Sequence[str]) -> np.ndarray:
   """Which files `tf.io.decode_image` reads without error, decoded in parallel by tf.data."""
-  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), list(paths)))
-  ds = ds.map(lambda i, p: (i, tf.shape(tf.io.decode_image(
-      tf.io.read_file(p), channels=3, expand_animations=False))[0]),
-              num_parallel_calls=_AUTOTUNE, deterministic=False)
-  ds = ds.ignore_errors()  # A failed decode drops that element: the missing indices are the bad files.
   ok = np.zeros(len(paths), bool)
+  if not paths:
+    return ok
+
+  def decode(i, path):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return i, tf.shape(image)[0]
+
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), np.asarray(paths, object)))
+  ds = ds.map(decode, num_parallel_calls=_AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors()  # A failed decode drops its element: the missing indices are bad files.
   for i, _ in ds.batch(1024).as_numpy_iterator():
     ok[i] = True
   return ok
@@ -688,3 +694,43 @@ def _check_process_rows(sharding: jax.sharding.Sharding, local_rows: int):
         f"Process {p}'s devices hold batch rows {sorted(owned)[:4]}..., not the contiguous block "
         f"[{p * local_rows}, {(p + 1) * local_rows}) the input pipeline produces. Build the mesh "
         "with jax.make_mesh (devices grouped by process) and shard the batch axis over it.")
+
+
+def benchmark(iterator: Iterator[dict[str, np.ndarray]], num_batches: int) -> float:
+  """Examples per second an input iterator delivers, after one warm-up batch."""
+  import time
+  batch = next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    batch = next(iterator)
+  return num_batches * len(batch["label"]) / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+  # Input throughput on this host, e.g.:
+  #   python -m deit_jax.data --source=folder --root=/data/imagenet --split=train --batch=256
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--source", default="digits")
+  parser.add_argument("--name", default="")
+  parser.add_argument("--root", default="")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--validate", default="header")
+  parser.add_argument("--input_size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--batches", type=int, default=20)
+  parser.add_argument("--eval", action="store_true", help="time the eval stream instead")
+  args = parser.parse_args()
+  bench_source = build_source(dict(source=args.source, name=args.name, root=args.root,
+                                   data_dir=args.data_dir, split=args.split,
+                                   validate=args.validate))
+  bench_cfg = augment.default_augment_config()
+  bench_cfg.input_size = args.input_size
+  if args.eval:
+    stream = eval_iterator(bench_source, bench_cfg, global_batch_size=args.batch)
+  else:
+    stream = train_iterator(bench_source, bench_cfg, global_batch_size=args.batch, seed=0)
+  rate = benchmark(stream, args.batches)
+  print(f"{bench_source}: {rate:.0f} examples/s ({'eval' if args.eval else 'train'}, "
+        f"{args.input_size}px, batch {args.batch}, {os.cpu_count()} CPUs)")

@@ -1,4 +1,4 @@
-"""Mixup / CutMix on device, with label smoothing folded into the targets (timm `Mixup`, mode 'batch').
+"""Mixup / CutMix on device, label smoothing folded into the targets (timm `Mixup`, 'batch' mode).
 
 One lambda per batch: with probability `prob` the batch is mixed, by CutMix with probability
 `switch_prob` (when both alphas are > 0) and by Mixup otherwise; lambda ~ Beta(alpha, alpha) of
@@ -13,7 +13,10 @@ Groups (`num_groups`): the batch is viewed as [num_groups, B / num_groups, ...] 
 reversed and paired within itself, with its own lambda and box. With num_groups = the number of
 devices the batch is sharded over, the pairing is per device and costs no cross-device traffic;
 the official code (timm Mixup inside each GPU's data-loader batch) also pairs within each GPU's
-batch with a lambda per GPU. num_groups=1 pairs across the whole global batch.
+batch with a lambda per GPU. num_groups=1 pairs across the whole global batch. Groups map onto
+devices when the batch axis is sharded in num_groups equal contiguous blocks (a 'data' mesh axis
+of that size). The random draws avoid data-dependent loops (see `_gamma`), so the compiled mix has
+no collectives at all.
 
 Only timm's 'batch' mode is implemented (the DeiT recipe); 'pair' and 'elem' are not.
 """
@@ -30,6 +33,40 @@ def one_hot_smoothed(labels: jax.Array, num_classes: int, smoothing: float) -> j
   """One-hot float32 targets with label smoothing: on = 1 - s + s / C, off = s / C (timm)."""
   off = smoothing / num_classes
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+
+
+_GAMMA_PROPOSALS = 16
+
+
+def _gamma(key, shape_param):
+  """One Gamma(shape_param, 1) draw, Marsaglia-Tsang, without a data-dependent loop.
+
+  `jax.random.gamma` loops until a proposal is accepted; inside a step sharded over devices that
+  loop makes every device vote on its exit (scalar all-reduces) and is slow to compile. Here a
+  fixed batch of proposals is drawn and the first accepted one is used; each is accepted with
+  probability > 0.95, so all 16 failing (then the last one, clipped, is used) has odds < 1e-20.
+  Shapes < 1 use the usual boost Gamma(a) = Gamma(a + 1) * U^(1/a).
+  """
+  k_normal, k_uniform, k_boost = jax.random.split(key, 3)
+  boosted = shape_param < 1
+  a = jnp.where(boosted, shape_param + 1.0, shape_param)
+  d = a - 1.0 / 3.0
+  c = 1.0 / jnp.sqrt(9.0 * d)
+  x = jax.random.normal(k_normal, (_GAMMA_PROPOSALS,))
+  log_u = jnp.log(jax.random.uniform(k_uniform, (_GAMMA_PROPOSALS,), minval=1e-30))
+  v = (1.0 + c * x) ** 3
+  safe_v = jnp.maximum(v, 1e-30)
+  accepted = (v > 0) & (log_u < 0.5 * x * x + d - d * safe_v + d * jnp.log(safe_v))
+  sample = d * safe_v[jnp.argmax(accepted)]  # argmax: first True (or 0 when none is).
+  boost = jax.random.uniform(k_boost, minval=1e-30) ** (1.0 / shape_param)
+  return jnp.where(boosted, sample * boost, sample)
+
+
+def _beta(key, alpha):
+  """One Beta(alpha, alpha) draw as G1 / (G1 + G2)."""
+  k1, k2 = jax.random.split(key)
+  g1, g2 = _gamma(k1, alpha), _gamma(k2, alpha)
+  return g1 / (g1 + g2)
 
 
 def _cutmix_box(key, lam, height: int, width: int, cutmix_minmax):
@@ -58,15 +95,15 @@ def _cutmix_box(key, lam, height: int, width: int, cutmix_minmax):
 def _group_params(key, *, height, width, mixup_alpha, cutmix_alpha, prob, switch_prob,
                   cutmix_minmax, correct_lam):
   """One group's (lam, use_cutmix, box), following timm `Mixup._params_per_batch`."""
-  k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(key, 5)
+  k_apply, k_switch, k_mix, k_box = jax.random.split(key, 4)
   apply = jax.random.uniform(k_apply) < prob
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
-  lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+  # One Beta draw with the chosen method's alpha (both alphas are > 0 when both can be chosen).
+  alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha).astype(jnp.float32)
+  lam = _beta(k_mix, alpha)
   use_cutmix = use_cutmix & apply
   lam = jnp.where(apply, lam, 1.0).astype(jnp.float32)
   y0, y1, x0, x1 = _cutmix_box(k_box, lam, height, width, cutmix_minmax)

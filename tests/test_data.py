@@ -184,6 +184,10 @@ def test_tfds_source_real_array_record_and_tfrecord(tmp_path):
   assert image.shape == (28, 28, 3)
   np.testing.assert_array_equal(image.numpy(), np.repeat(reference[4]["image"], 3, axis=-1))
   assert int(label) == reference[4]["label"]
+  # Parallel reads through tf.data return every record in order.
+  batches = list(data.eval_iterator(source, _cfg(), global_batch_size=8))
+  labels = np.concatenate([b["label"][b["mask"] == 1] for b in batches])
+  np.testing.assert_array_equal(labels, [reference[i]["label"] for i in range(20)])
   with pytest.raises(ValueError, match="no split 'validation'"):
     data.TfdsSource("dummy_mnist", "validation", data_dir=str(tmp_path / "ar"))
   # Prepared as TFRecord (TFDS's default): refused with the conversion command.
