@@ -25,14 +25,17 @@ permutation of the dataset, each index repeated `num_repeats` times in a row (of
 3 by default), cut to `steps_per_epoch * global_batch` samples. An epoch thus draws as many samples
 as the dataset has (rounded down to whole global batches; the official code rounds to a multiple
 of 256 and then drops each GPU's last partial batch, which gives the same 1,251 steps for ImageNet
-at batch 1024), so it sees about 1/3 of the distinct images, each 3 times. Within a global batch
-the rows are dealt so the copies of one image sit a third of a batch apart (rows k, B/3+k,
-2B/3+k): with 3 or more data-parallel devices they land on different devices, as the official
-sampler puts them on different GPUs, and with fewer they are different rows (or steps). Every
-sample gets its own stateless augmentation seed, a hash of (seed, epoch, position in the epoch,
-example index, repeat id), so the copies are augmented differently. Global batch s is therefore a
-function of (seed, s, dataset size, batch size, num_repeats) only -- not of the device or process
-count -- and the stream can be restarted at any step or replayed later (a precomputed teacher).
+at batch 1024), so it sees about 1/3 of the distinct images, each 3 times. Global batch s holds
+stream positions [s*B, (s+1)*B) of the epoch, the same samples the official sampler spreads over
+its GPUs at that step. Within the batch the rows are dealt so the copies of one image sit a third
+of a batch apart (rows k, B/3+k, 2B/3+k when B is a multiple of 3): with 3 or more data-parallel
+devices they land on 3 different devices, as the official sampler puts them on different GPUs;
+with fewer devices they are different rows of the same step (a batch size that is not a multiple
+of 3 splits some images' copies over two consecutive steps). Every sample gets its own stateless
+augmentation seed, a hash of (seed, epoch, position in the epoch, example index, repeat id), so
+the copies are augmented differently. Global batch s is therefore a function of (seed, s, dataset
+size, batch size, num_repeats) only -- not of the device or process count -- and the stream can
+be restarted at any step or replayed later (a precomputed teacher).
 Process p of P yields rows [p*B/P, (p+1)*B/P) of each global batch and reads only those examples;
 that is the order `jax.make_array_from_process_local_data` expects for a batch sharded over a
 mesh whose devices are grouped by process (what `jax.make_mesh` builds); `to_global` checks it.
@@ -156,8 +159,11 @@ class ArraySource(Source):
 
 def _sniff_image(path: str) -> str | None:
   """Image format from the magic bytes, or None when the file is not an image TF can decode."""
-  with open(path, "rb") as f:
-    head = f.read(8)
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+  except OSError:
+    return None
   for magic, kind in _IMAGE_MAGIC.items():
     if head.startswith(magic):
       return kind
@@ -230,9 +236,11 @@ class FolderSource(Source):
         kinds = list(pool.map(_sniff_image, paths))
       for i, kind in enumerate(kinds):
         if kind is None:
-          ok[i], reasons[i] = False, "not a JPEG/PNG/GIF/BMP image"
+          ok[i], reasons[i] = False, "unreadable or not a JPEG/PNG/GIF/BMP image"
     if validate == "decode":
       candidates = np.flatnonzero(ok)
+      logging.info("Image folder %s: decoding %d files once to find corrupt ones "
+                   "(validate='header' skips this).", split_dir, len(candidates))
       decoded = _decodable([paths[i] for i in candidates])
       for i in candidates[~decoded]:
         ok[i], reasons[i] = False, "corrupt or truncated image (decode failed)"
