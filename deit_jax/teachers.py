@@ -251,6 +251,8 @@ class RegNet(nnx.Module):
     dtype = _compute_dtype(dtype)
     self.cfg = cfg
     self.in_chans = in_chans
+    self.num_classes = num_classes
+    self.dtype = dtype
     self.stem = ConvBN(in_chans, cfg.stem_width, 3, stride=2, dtype=dtype, rngs=rngs)
     in_ch = cfg.stem_width
     for i, spec in enumerate(regnet_stages(cfg)):
@@ -345,6 +347,8 @@ class ResNet(nnx.Module):
     dtype = _compute_dtype(dtype)
     self.cfg = cfg
     self.in_chans = in_chans
+    self.num_classes = num_classes
+    self.dtype = dtype
     self.conv1 = _conv(in_chans, 64, 7, stride=2, dtype=dtype, rngs=rngs)
     self.bn1 = _batch_norm(64, rngs=rngs)
     block_cls = Bottleneck if cfg.block == "bottleneck" else BasicBlock
@@ -439,6 +443,48 @@ def abstract_teacher(name: str, *, num_classes: int = 1000,
   `load_torch_state_dict`, or count its parameters."""
   _check_name(name)
   model = nnx.eval_shape(lambda: TEACHERS[name](num_classes, dtype=dtype, rngs=nnx.Rngs(0)))
+  model.eval()
+  return model
+
+
+def _registered_name(model: nnx.Module) -> str | None:
+  cfgs = REGNET_CFGS if isinstance(model, RegNet) else RESNET_CFGS
+  return next((name for name, cfg in cfgs.items() if cfg == model.cfg), None)
+
+
+def describe(model: nnx.Module) -> dict:
+  """JSON-able architecture of a teacher (what checkpoint.py stores next to the weights)."""
+  if not isinstance(model, (RegNet, ResNet)):
+    raise TypeError(f"Expected a teachers.RegNet or teachers.ResNet, got {type(model).__name__}.")
+  return {"family": "teacher", "name": _registered_name(model),
+          "kind": "regnet" if isinstance(model, RegNet) else "resnet",
+          "config": dataclasses.asdict(model.cfg), "num_classes": model.num_classes,
+          "in_chans": model.in_chans, "dtype": jnp.dtype(model.dtype).name}
+
+
+def build(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.Module:
+  """The teacher `describe` described, in eval mode; abstract (shapes only) if `abstract`.
+
+  overrides: num_classes, dtype ('float32' / 'bfloat16'); img_size is accepted and has no effect,
+  since a CNN teacher takes any resolution (DeiT feeds it the student's).
+  """
+  unknown = set(overrides) - {"num_classes", "dtype", "img_size"}
+  if unknown:
+    raise ValueError(f"A CNN teacher cannot override {sorted(unknown)}; it accepts num_classes, "
+                     "dtype and img_size (ignored: any resolution works).")
+  kind, cfg = description.get("kind"), dict(description.get("config") or {})
+  if kind == "regnet":
+    model_cls, cfg = RegNet, RegNetCfg(**cfg)
+  elif kind == "resnet":
+    model_cls = ResNet
+    cfg = ResNetCfg(cfg["block"], tuple(cfg["layers"]), tuple(cfg["channels"]))
+  else:
+    raise ValueError(f"Unknown teacher kind {kind!r} in description {dict(description)}.")
+  num_classes = overrides.get("num_classes", description.get("num_classes", 1000))
+  dtype = overrides.get("dtype", description.get("dtype", "float32"))
+  make = lambda: model_cls(cfg, num_classes, in_chans=description.get("in_chans", 3),
+                           dtype=dtype, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(make) if abstract else make()
   model.eval()
   return model
 

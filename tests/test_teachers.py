@@ -205,6 +205,26 @@ def test_random_init_follows_timm():
   assert abs(kernel.std() / np.sqrt(2 / (9 * 64 // 4)) - 1) < 0.05
 
 
+def test_describe_build_round_trip(io):
+  model = loaded_tiny("regnety_tiny")
+  description = teachers.describe(model)
+  assert json.loads(json.dumps(description)) == description  # JSON-able, as checkpoints store it
+  assert description["family"] == "teacher" and description["name"] is None
+  rebuilt = teachers.build(description, abstract=True)
+  assert rebuilt.s3.b1.conv2.conv.kernel.get_value().shape == model.s3.b1.conv2.conv.kernel.shape
+  assert rebuilt.stem.bn.use_running_average
+  teachers.load_torch_state_dict(rebuilt, None, tiny_state_dict("regnety_tiny"))
+  np.testing.assert_allclose(np.asarray(forward(rebuilt, jnp.asarray(io["input_nhwc"]))),
+                             io["regnety_tiny/logits_eval"], rtol=0, atol=1e-4)
+
+  description = teachers.describe(teachers.abstract_teacher("resnet50", dtype="bfloat16"))
+  assert description["name"] == "resnet50" and description["dtype"] == "bfloat16"
+  rebuilt = teachers.build(description, abstract=True, num_classes=3, img_size=384)
+  assert rebuilt.fc.kernel.get_value().shape == (2048, 3) and rebuilt.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="attention_impl"):
+    teachers.build(description, attention_impl="cudnn")
+
+
 def test_unknown_teacher_name():
   with pytest.raises(ValueError, match="Unknown teacher 'regnety_999'.*regnety_160.*resnet50"):
     teachers.create_teacher("regnety_999")
