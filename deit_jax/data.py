@@ -52,7 +52,6 @@ from __future__ import annotations
 import concurrent.futures
 import gzip
 import importlib.util
-import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -568,10 +567,6 @@ def _processes(process_index, process_count, global_batch_size) -> tuple[int, in
   return process_index, process_count, global_batch_size // process_count
 
 
-def _input_size(cfg) -> int:
-  return int(cfg.input_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # Streams.
 # ----------------------------------------------------------------------------------------------
@@ -647,7 +642,7 @@ def eval_iterator(source: Source, cfg: ml_collections.ConfigDict, *, global_batc
   position = np.arange(steps * global_batch_size).reshape(steps, P, local_b)[:, p].reshape(-1)
   real = position < n
   index = np.where(real, position, -1).astype(np.int32)
-  size = _input_size(cfg)
+  size = int(cfg.input_size)
 
   def load(index, real):
     def example():
