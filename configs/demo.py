@@ -30,7 +30,7 @@ def get_config():
   c.epochs = 20
   c.optimizer.lr = 1e-3
   c.optimizer.lr_base_batch = 64  # peak lr 1e-3 at batch 64
-  c.optimizer.warmup_epochs = 2
+  c.optimizer.warmup_epochs = 2.0
   c.ema_decay = 0.99
   c.log_every_steps = 40
   c.eval_every_epochs = 5

@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = FieldReference(None, field_type=int)  # overrides epochs when set
   c.optimizer = ml_collections.ConfigDict({
       "lr": 5e-4, "lr_base_batch": 512,  # lr = lr x batch_size / lr_base_batch
-      "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-5,
+      "warmup_epochs": 5.0, "warmup_lr": 1e-6, "min_lr": 1e-5,
       "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
       "decay_dist_token": True,  # the official code decays dist_token; timm does not
       "clip_grad": FieldReference(None, field_type=float)})
@@ -88,5 +88,5 @@ def zoo_config(name: str) -> ml_collections.ConfigDict:
     c.optimizer.lr = 5e-6
     c.optimizer.weight_decay = 1e-8
     c.optimizer.min_lr = 5e-6
-    c.optimizer.warmup_epochs = 0
+    c.optimizer.warmup_epochs = 0.0
   return c

@@ -24,8 +24,10 @@ _MIN_FSDP_SIZE = 2 ** 14
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all by default), grouped by process."""
   n = num_devices or jax.device_count()
-  return jax.make_mesh((n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
 
 
 def batch_sharding(mesh) -> NamedSharding:
