@@ -26,10 +26,12 @@ Documented differences from the PIL pipeline:
     box blurs.
 """
 import dataclasses
+import functools
 import math
 import re
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,6 +69,8 @@ def default_augment_config():
       recount=1,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
+      # Run the geometric RandAugment ops and normalize through XLA: same results, faster.
+      jit=True,
   ))
 
 
@@ -94,12 +98,15 @@ def _blend(degenerate, image, factor):
   """`Image.blend(degenerate, image, factor)`: float32 `d + f * (i - d)`, then truncate.
 
   This is how every `ImageEnhance` class works: factor 0 gives `degenerate`, 1 the image,
-  above 1 it extrapolates away from `degenerate` (then clips).
+  above 1 it extrapolates away from `degenerate` (then clips). PIL rounds the product to
+  float32 before the add; the product is formed in float64 (exact for these operands) and
+  rounded explicitly, so XLA cannot fuse it into an FMA and change the rounding.
   """
   degenerate = tf.cast(degenerate, tf.float32)
   image = tf.cast(image, tf.float32)
-  factor = tf.cast(factor, tf.float32)
-  return _truncate_to_uint8(degenerate + factor * (image - degenerate))
+  factor = tf.cast(tf.cast(factor, tf.float32), tf.float64)
+  product = tf.cast(factor * tf.cast(image - degenerate, tf.float64), tf.float32)
+  return _truncate_to_uint8(degenerate + product)
 
 
 def _grayscale(image):
@@ -115,21 +122,44 @@ def _grayscale(image):
 # ------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_lookup():
+  """out[y, x, c] = table[c, image[y, x, c]], XLA-compiled (an exact gather)."""
+  def lookup(image, table):
+    index = tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32)
+    return tf.gather(tf.reshape(table, [-1]), index)
+  return tf.function(lookup, jit_compile=True, autograph=False)
+
+
+def _apply_lut(image, lut):
+  """PIL's `Image.point(lut)`: per-channel table lookup, `lut` [256] or [3, 256].
+
+  The tables are built op-by-op (exactly, they are tiny); the per-pixel lookup is an integer
+  gather compiled with XLA, ~8x faster than TF's op-by-op gather and exact by nature.
+  """
+  lut = tf.broadcast_to(tf.cast(lut, tf.uint8), [3, 256])
+  return _compiled_lookup()(image, lut)
+
+
+def _levels():
+  return tf.range(256, dtype=tf.int32)
+
+
 def auto_contrast(image, unused_arg=None):
   """`ImageOps.autocontrast`: per channel, stretch [min, max] to [0, 255].
 
   PIL builds `int(ix * scale + offset)` in Python floats (float64), so we do too.
   """
   del unused_arg
-  x = tf.cast(image, tf.float64)
-  lo = tf.reduce_min(x, axis=[0, 1])
-  hi = tf.reduce_max(x, axis=[0, 1])
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
   # A flat channel (hi <= lo) is left unchanged; the maximum(.., 1) only avoids a division
   # by zero in the branch that `where` then discards.
   scale = 255. / tf.maximum(hi - lo, 1.)
   offset = -lo * scale
-  stretched = tf.clip_by_value(tf.cast(x * scale + offset, tf.int32), 0, 255)
-  return tf.where(hi > lo, tf.cast(stretched, tf.uint8), image)
+  ix = tf.cast(_levels(), tf.float64)[None, :]
+  stretched = tf.clip_by_value(tf.cast(ix * scale + offset, tf.int32), 0, 255)
+  return _apply_lut(image, tf.where(hi > lo, stretched, _levels()[None, :]))
 
 
 def equalize(image, unused_arg=None):
@@ -140,10 +170,8 @@ def equalize(image, unused_arg=None):
   to 255).
   """
   del unused_arg
-  x = tf.cast(image, tf.int32)
-  channel = tf.range(3, dtype=tf.int32)
-  hist = tf.math.bincount(tf.reshape(x + 256 * channel, [-1]), minlength=768, maxlength=768,
-                          dtype=tf.int64)
+  x = tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32)
+  hist = tf.math.bincount(tf.reshape(x, [-1]), minlength=768, maxlength=768, dtype=tf.int64)
   hist = tf.reshape(hist, [3, 256])
   total = tf.reduce_sum(hist, axis=1)
   # Count of the highest value present in each channel.
@@ -154,15 +182,13 @@ def equalize(image, unused_arg=None):
   below = tf.cumsum(hist, axis=1, exclusive=True)
   safe_step = tf.maximum(step, 1)[:, None]
   lut = tf.minimum((safe_step // 2 + below) // safe_step, 255)
-  lut = tf.where(step[:, None] > 0, lut, tf.range(256, dtype=tf.int64)[None, :])
-  flat_lut = tf.cast(tf.reshape(lut, [-1]), tf.uint8)
-  return tf.gather(flat_lut, x + 256 * channel)
+  return _apply_lut(image, tf.where(step[:, None] > 0, lut, tf.range(256, dtype=tf.int64)))
 
 
 def invert(image, unused_arg=None):
   """`ImageOps.invert`."""
   del unused_arg
-  return 255 - image
+  return _apply_lut(image, 255 - _levels())
 
 
 def posterize(image, bits):
@@ -172,21 +198,22 @@ def posterize(image, bits):
   trained; Pillow >= 10 raises on 0 bits instead. bits >= 8 is the identity (timm skips it).
   """
   shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(x, shift), shift), tf.uint8)
+  return _apply_lut(image, tf.bitwise.left_shift(tf.bitwise.right_shift(_levels(), shift),
+                                                 shift))
 
 
 def solarize(image, threshold):
   """`ImageOps.solarize`: invert every value >= threshold (256 -> no-op)."""
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(x >= tf.cast(threshold, tf.int32), 255 - x, x), tf.uint8)
+  levels = _levels()
+  return _apply_lut(image, tf.where(levels >= tf.cast(threshold, tf.int32), 255 - levels,
+                                    levels))
 
 
 def solarize_add(image, add, threshold=128):
   """timm's `solarize_add`: values below `threshold` get `+add`, saturating at 255."""
-  x = tf.cast(image, tf.int32)
-  added = tf.minimum(x + tf.cast(add, tf.int32), 255)
-  return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
+  levels = _levels()
+  added = tf.minimum(levels + tf.cast(add, tf.int32), 255)
+  return _apply_lut(image, tf.where(levels < threshold, added, levels))
 
 
 def color(image, factor):
@@ -203,30 +230,32 @@ def contrast(image, factor):
   """
   gray = tf.cast(_grayscale(image), tf.float64)
   mean = tf.floor(tf.reduce_mean(gray) + 0.5)
-  return _blend(tf.fill(tf.shape(image), tf.cast(mean, tf.float32)), image, factor)
+  # Every pixel blends with the same value, so the blend is a table over the 256 levels.
+  return _apply_lut(image, _blend(tf.fill([256], tf.cast(mean, tf.float32)), _levels(), factor))
 
 
 def brightness(image, factor):
   """`ImageEnhance.Brightness`: blend with black."""
-  return _blend(tf.zeros(tf.shape(image), tf.float32), image, factor)
+  return _apply_lut(image, _blend(tf.zeros([256]), _levels(), factor))
 
 
 def _smooth(image):
   """`ImageFilter.SMOOTH`: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded half up.
 
   PIL leaves the one-pixel border unchanged. The weighted sum s is an integer and s / 13 is
-  never exactly x.5, so the integer form floor((2s + 13) / 26) is exact.
+  never exactly x.5, so the integer form floor((2s + 13) / 26) is exact. Sums of shifted
+  slices (not a conv) keep it exact and fast, also under XLA.
   """
-  x = tf.cast(image, tf.float32)
-  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]])
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  total = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "SAME")[0]
-  smoothed = tf.cast((2 * tf.cast(total, tf.int32) + 13) // 26, tf.uint8)
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  rows = tf.range(h)[:, None, None]
-  cols = tf.range(w)[None, :, None]
-  interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-  return tf.where(interior, smoothed, image)
+  x = tf.cast(image, tf.int32)
+  h, w = tf.shape(x)[0], tf.shape(x)[1]
+  rows = x[:-2] + x[1:-1] + x[2:]  # vertical 3-sums, [H - 2, W, 3]
+  total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * x[1:-1, 1:-1]
+  interior = tf.cast((2 * total + 13) // 26, tf.uint8)
+  # Put the smoothed interior back inside the original one-pixel border.
+  middle = tf.concat([image[1:-1, :1], interior, image[1:-1, w - 1:]], axis=1)
+  smoothed = tf.concat([image[:1], middle, image[h - 1:]], axis=0)
+  # Images under 3 pixels on a side have no interior: PIL returns them unchanged.
+  return tf.cond((h < 3) | (w < 3), lambda: image, lambda: smoothed)
 
 
 def sharpness(image, factor):
@@ -291,7 +320,13 @@ def _warp_2d(image, xin, yin, fill, interpolation):
   cols = tf.clip_by_value(tf.cast(start_x, tf.int32)[..., None] + offsets, 0, w - 1)
   rows = tf.clip_by_value(tf.cast(start_y, tf.int32)[..., None] + offsets, 0, h - 1)
   index = rows[..., :, None] * w + cols[..., None, :]  # [H, W, T(y), T(x)]
-  taps = tf.gather(tf.reshape(tf.cast(image, tf.float64), [-1, 3]), index)
+  # Gathering one packed int32 per pixel is much cheaper than gathering 3-channel rows.
+  x = tf.cast(tf.reshape(image, [-1, 3]), tf.int32)
+  packed = x[:, 0] + tf.bitwise.left_shift(x[:, 1], 8) + tf.bitwise.left_shift(x[:, 2], 16)
+  gathered = tf.gather(packed, index)[..., None]
+  shifts = tf.constant([0, 8, 16], tf.int32)
+  taps = tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(gathered, shifts), 255),
+                 tf.float64)  # [H, W, T, T, 3]
   along_x = _interpolate(taps, (pos_x - start_x)[..., None], interpolation)  # [H, W, T, 3]
   value = _interpolate(along_x, pos_y - start_y, interpolation)
   inside = ((xin >= 0.) & (xin < tf.cast(w, tf.float64)) &
@@ -411,7 +446,7 @@ def _enhance_arg(level, unused_negate):
 
 def _enhance_increasing_arg(level, negate):
   # Farther from the identity (1.0) as the level grows, either direction, kept >= 0.1.
-  return tf.maximum(0.1, 1. + _signed(level / _LEVEL_DENOM * .9, negate))
+  return tf.maximum(1. + _signed(level / _LEVEL_DENOM * .9, negate), 0.1)
 
 
 def _shear_arg(level, negate):
@@ -436,7 +471,7 @@ def _posterize_increasing_arg(level, unused_negate):
 
 
 def _solarize_arg(level, unused_negate):
-  return tf.minimum(256., _int(level / _LEVEL_DENOM * 256.))  # threshold 0..256
+  return tf.minimum(_int(level / _LEVEL_DENOM * 256.), 256.)  # threshold 0..256
 
 
 def _solarize_increasing_arg(level, unused_negate):
@@ -444,7 +479,7 @@ def _solarize_increasing_arg(level, unused_negate):
 
 
 def _solarize_add_arg(level, unused_negate):
-  return tf.minimum(128., _int(level / _LEVEL_DENOM * 110.))  # added value 0..110
+  return tf.minimum(_int(level / _LEVEL_DENOM * 110.), 128.)  # added value 0..110
 
 
 LEVEL_TO_ARG = {
@@ -472,12 +507,31 @@ LEVEL_TO_ARG = {
 }
 
 
-def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic"):
-  """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map."""
+@functools.lru_cache(maxsize=None)
+def _jitted_geometric_op(name, fill, interpolation):
+  """XLA-compiled geometric op (one compile per image shape, cached for the process).
+
+  The warps are gathers plus element-wise float64 math: XLA fuses them, ~5x faster than
+  op-by-op TF, and their results stay identical to PIL (checked in the tests). The blend ops
+  stay op-by-op: XLA's CPU backend contracts their multiply-add into an FMA, which changes
+  PIL's float32 rounding.
+  """
+  fn = functools.partial(OPS[name], fill=fill, interpolation=interpolation)
+  return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic",
+             jit=False):
+  """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map.
+
+  `jit=True` runs the geometric ops through XLA (same results, faster).
+  """
   level = _as_float64(level)  # timm maps levels in Python floats
   level_fn = LEVEL_TO_ARG[name]
   arg = None if level_fn is None else level_fn(level, tf.convert_to_tensor(negate))
   if name in GEOMETRIC_OPS:
+    if jit:
+      return _jitted_geometric_op(name, tuple(fill), interpolation)(image, arg)
     return OPS[name](image, arg, fill=fill, interpolation=interpolation)
   return OPS[name](image, arg)
 
@@ -508,7 +562,7 @@ def parse_rand_augment(config_str):
         "'rand-m9-mstd0.5-inc1', or '' to turn it off.")
   values = {}
   for section in sections[1:]:
-    key, _, value = re.match(r"([a-z]*)(.*)", section).groups()
+    key, value = re.fullmatch(r"([a-z]*)(.*)", section).groups()
     if key == "t":
       raise ValueError(f"auto_augment={config_str!r}: transform-set sections ('t...') are not "
                        "supported; remove them to use timm's default op sets.")
@@ -537,13 +591,14 @@ def _sample_magnitude(seed, spec):
   return tf.clip_by_value(level, 0., spec.magnitude_max)
 
 
-def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic"):
+def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic", jit=False):
   """timm `RandAugment`: `num_layers` ops drawn uniformly with replacement, each applied with
   probability `spec.prob` at a freshly sampled magnitude and sign.
 
   One `switch_case` per layer runs only the chosen op (or the identity when the layer is
   skipped), so unchosen ops cost nothing.
   """
+  image = tf.convert_to_tensor(image)
   num_ops = len(spec.ops)
   for layer in range(spec.num_layers):
     layer_seed = tf.random.experimental.stateless_fold_in(seed, layer)
@@ -554,7 +609,8 @@ def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic
     negate = tf.random.stateless_uniform([], seeds[3]) > 0.5
     # Default arguments bind this layer's input image and op name into each branch.
     branches = [
-        lambda name=name, image=image: apply_op(name, image, level, negate, fill, interpolation)
+        lambda name=name, image=image: apply_op(name, image, level, negate, fill, interpolation,
+                                                jit)
         for name in spec.ops]
     branches.append(lambda image=image: image)  # layer skipped
     image = tf.switch_case(tf.where(applied, op_index, num_ops), branches)
@@ -607,9 +663,17 @@ def sample_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3. / 4., 4. /
 
 
 def _resize(image, size, interpolation):
-  """PIL-like resize of uint8 [h, w, 3] to `size` (h, w): antialiased, rounded to uint8."""
-  resized = tf.image.resize(tf.cast(image, tf.float32), size, method=interpolation,
-                            antialias=True)
+  """PIL-like resize of uint8 [h, w, 3] to `size` (h, w): antialiased, rounded to uint8.
+
+  `ScaleAndTranslate` is what `tf.image.resize(antialias=True)` runs; fed uint8 directly it
+  skips a float copy of the whole crop.
+  """
+  size = tf.convert_to_tensor(size, tf.int32)
+  in_size = tf.cast(tf.shape(image)[:2], tf.float32)
+  resized = tf.raw_ops.ScaleAndTranslate(
+      images=image[None], size=size, scale=tf.cast(size, tf.float32) / in_size,
+      translation=tf.zeros([2]), kernel_type="keyscubic" if interpolation == "bicubic"
+      else "triangle", antialias=True)[0]
   return _round_to_uint8(resized)
 
 
@@ -623,6 +687,7 @@ def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3. / 4., 4.
 
 
 def random_horizontal_flip(image, seed, prob=0.5):
+  image = tf.convert_to_tensor(image)
   flip = tf.random.stateless_uniform([], seed) < prob
   return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
@@ -630,6 +695,7 @@ def random_horizontal_flip(image, seed, prob=0.5):
 def color_jitter(image, seed, strength):
   """torchvision `ColorJitter(s, s, s)` on a PIL image: brightness, contrast and saturation
   factors uniform in [max(0, 1 - s), 1 + s], applied in a random order (hue is off)."""
+  image = tf.convert_to_tensor(image)
   seeds = tf.random.experimental.stateless_split(seed, 4)
   factors = tf.random.stateless_uniform([3], seeds[0], max(0., 1. - strength), 1. + strength)
   order = tf.argsort(tf.random.stateless_uniform([3], seeds[1]))  # a uniform permutation
@@ -663,6 +729,7 @@ def gaussian_blur(image, sigma, max_sigma=2.0):
 def three_augment(image, seed):
   """DeiT III: one of grayscale, solarize (threshold 128), Gaussian blur (radius uniform in
   [0.1, 2]), chosen uniformly."""
+  image = tf.convert_to_tensor(image)
   choice_seed, sigma_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   choice = tf.random.stateless_uniform([], choice_seed, 0, 3, tf.int32)
   sigma = tf.random.stateless_uniform([], sigma_seed, 0.1, 2.0)
@@ -672,9 +739,15 @@ def three_augment(image, seed):
 
 
 def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-  """ToTensor (/255) then Normalize, channels last."""
-  x = tf.cast(image, tf.float32) / 255.
-  return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  """ToTensor (/255) then Normalize, channels last: uint8 [H, W, 3] -> float32.
+
+  A uint8 input has 256 levels per channel, so this is a lookup in a [3, 256] float32 table
+  built with torch's float32 arithmetic ((v / 255 - mean) / std); the gather is XLA-compiled
+  and gives identical bits everywhere.
+  """
+  levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)
+  table = (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+  return _compiled_lookup()(image, tf.constant(table, tf.float32))
 
 
 def sample_erase_box(seed, height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
@@ -721,25 +794,26 @@ def random_erasing(image, seed, prob=0.25, mode="pixel", max_count=1, min_area=0
     count = tf.constant(1, tf.int32)
   shape = tf.shape(image)
   h, w, c = shape[0], shape[1], shape[2]
-  rows = tf.range(h)[:, None, None]
-  cols = tf.range(w)[None, :, None]
   for box in range(max_count):
     box_seeds = tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(box_seed, box), 2)
     top, left, eh, ew = sample_erase_box(box_seeds[0], h, w, min_area, max_area, min_aspect,
                                          count=count)
-    active = apply & (box < count)
-    eh = tf.where(active, eh, 0)
-    ew = tf.where(active, ew, 0)
-    if mode == "pixel":
-      patch = tf.random.stateless_normal([eh, ew, c], box_seeds[1])
-    elif mode == "rand":
-      patch = tf.broadcast_to(tf.random.stateless_normal([1, 1, c], box_seeds[1]), [eh, ew, c])
-    else:
-      patch = tf.zeros([eh, ew, c])
-    patch = tf.pad(patch, [[top, h - top - eh], [left, w - left - ew], [0, 0]])
-    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-    image = tf.where(inside, patch, image)
+    active = apply & (box < count) & (eh > 0)
+
+    def erase(image=image, top=top, left=left, eh=eh, ew=ew, noise_seed=box_seeds[1]):
+      if mode == "pixel":
+        patch = tf.random.stateless_normal([eh, ew, c], noise_seed)
+      elif mode == "rand":
+        patch = tf.broadcast_to(tf.random.stateless_normal([1, 1, c], noise_seed), [eh, ew, c])
+      else:
+        patch = tf.zeros([eh, ew, c])
+      # Rebuild the image around the patch: cheaper than a full-image select.
+      band = tf.concat([image[top:top + eh, :left], patch, image[top:top + eh, left + ew:]],
+                       axis=1)
+      return tf.concat([image[:top], band, image[top + eh:]], axis=0)
+
+    image = tf.cond(active, erase, lambda image=image: image)
   return image
 
 
@@ -800,10 +874,42 @@ def train_transform(image, seed, cfg):
   check_config(cfg)
   image = _check_image(image)
   seed = _check_seed(seed)
-  stage = lambda s: tf.random.experimental.stateless_fold_in(seed, s)
+  shape = tf.shape(image)
+  top, left, crop_h, crop_w = sample_crop_box(_stage_seed(seed, _STAGE_CROP), shape[0], shape[1],
+                                              tuple(cfg.scale), tuple(cfg.ratio))
+  crop = tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
+  return _train_transform_from_crop(crop, seed, cfg)
+
+
+def decode_and_train_transform(jpeg, seed, cfg):
+  """`train_transform(tf.io.decode_jpeg(jpeg, channels=3), seed, cfg)`, decoding only the
+  RandomResizedCrop box (`tf.image.decode_and_crop_jpeg`), which is faster.
+
+  Same box and same random draws; libjpeg's cropped decode can differ from the full decode
+  by a few levels on a small fraction of pixels (chroma upsampling at the crop edges).
+  """
+  check_config(cfg)
+  seed = _check_seed(seed)
+  shape = tf.image.extract_jpeg_shape(jpeg)
+  box = sample_crop_box(_stage_seed(seed, _STAGE_CROP), shape[0], shape[1], tuple(cfg.scale),
+                        tuple(cfg.ratio))
+  crop = tf.image.decode_and_crop_jpeg(jpeg, tf.stack(box), channels=3)
+  return _train_transform_from_crop(crop, seed, cfg)
+
+
+def _stage_seed(seed, stage):
+  return tf.random.experimental.stateless_fold_in(seed, stage)
+
+
+def _train_transform_from_crop(crop, seed, cfg):
+  """Everything after the RandomResizedCrop box: resize, flip, RandAugment / color jitter /
+  ThreeAugment, normalize, RandomErasing."""
+  stage = lambda s: _stage_seed(seed, s)
   size = int(cfg.input_size)
-  image = random_resized_crop(image, stage(_STAGE_CROP), size, tuple(cfg.scale),
-                              tuple(cfg.ratio), cfg.interpolation)
+  jit = bool(getattr(cfg, "jit", True))
+  mean, std = tuple(cfg.mean), tuple(cfg.std)
+  norm = functools.partial(normalize, mean=mean, std=std)
+  image = _resize(crop, [size, size], cfg.interpolation)
   image = random_horizontal_flip(image, stage(_STAGE_FLIP), cfg.hflip)
   jitter = cfg.color_jitter is not None and cfg.color_jitter > 0
   if cfg.three_augment:
@@ -811,14 +917,14 @@ def train_transform(image, seed, cfg):
     image = three_augment(image, stage(_STAGE_THREE_AUGMENT))
     if jitter:
       image = color_jitter(image, stage(_STAGE_COLOR_JITTER), float(cfg.color_jitter))
-    return normalize(image, tuple(cfg.mean), tuple(cfg.std))
+    return norm(image)
   if cfg.auto_augment:
     image = rand_augment(image, stage(_STAGE_RAND_AUGMENT),
-                         parse_rand_augment(cfg.auto_augment),
-                         fill=fill_value(tuple(cfg.mean)), interpolation=cfg.interpolation)
+                         parse_rand_augment(cfg.auto_augment), fill=fill_value(mean),
+                         interpolation=cfg.interpolation, jit=jit)
   elif jitter:  # timm disables color jitter while RandAugment is on
     image = color_jitter(image, stage(_STAGE_COLOR_JITTER), float(cfg.color_jitter))
-  image = normalize(image, tuple(cfg.mean), tuple(cfg.std))
+  image = norm(image)
   if cfg.reprob > 0:
     image = random_erasing(image, stage(_STAGE_ERASE), cfg.reprob, cfg.remode,
                            int(cfg.recount))

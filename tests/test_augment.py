@@ -1,0 +1,409 @@
+"""DeiT augmentation ops against PIL / timm semantics, on small images."""
+import io
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageEnhance, ImageOps
+
+from deit_jax import augment
+
+FILL = (124, 116, 104)
+H, W = 32, 40
+
+
+def _random_image(seed=0, low=0, high=256):
+  return np.random.default_rng(seed).integers(low, high, (H, W, 3), dtype=np.uint8)
+
+
+def _smooth_image():
+  """A photo-like image: smooth gradients plus mild noise (not full-range per channel)."""
+  yy, xx = np.mgrid[0:H, 0:W]
+  rng = np.random.default_rng(1)
+  image = np.stack([xx * 4 + 30, yy * 5 + 20, 180 - xx * 2 - yy], -1) + rng.normal(0, 4, (H, W, 3))
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+IMAGES = [_random_image(), _smooth_image()]
+
+
+def _np(x):
+  return np.asarray(x).astype(np.int64)
+
+
+# --- PIL-exact LUT ops ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=["random", "smooth"])
+def test_lut_ops_equal_pil_exactly(image):
+  pil = Image.fromarray(image)
+  np.testing.assert_array_equal(_np(augment.invert(image)), _np(ImageOps.invert(pil)))
+  np.testing.assert_array_equal(_np(augment.auto_contrast(image)),
+                                _np(ImageOps.autocontrast(pil)))
+  np.testing.assert_array_equal(_np(augment.equalize(image)), _np(ImageOps.equalize(pil)))
+  for bits in (1, 2, 3, 4, 8):
+    np.testing.assert_array_equal(_np(augment.posterize(image, bits)),
+                                  _np(ImageOps.posterize(pil, bits)))
+  for threshold in (0, 26, 128, 200, 256):
+    np.testing.assert_array_equal(_np(augment.solarize(image, threshold)),
+                                  _np(ImageOps.solarize(pil, threshold)))
+
+
+def test_posterize_zero_bits_is_black():
+  # Old Pillow (DeiT's era) returned black; Pillow >= 10 raises for 0 bits.
+  assert not np.any(augment.posterize(_smooth_image(), 0).numpy())
+
+
+def test_equalize_and_autocontrast_on_narrow_histograms():
+  # Few distinct values exercise the step == 0 and flat-channel branches.
+  image = np.zeros((H, W, 3), np.uint8)
+  image[:, :20] = (10, 50, 7)
+  image[:, 20:] = (200, 50, 9)
+  image[0, 0] = (0, 50, 250)
+  pil = Image.fromarray(image)
+  np.testing.assert_array_equal(_np(augment.equalize(image)), _np(ImageOps.equalize(pil)))
+  np.testing.assert_array_equal(_np(augment.auto_contrast(image)),
+                                _np(ImageOps.autocontrast(pil)))
+
+
+def test_solarize_add_matches_its_definition():
+  image = _random_image(3)
+  for add in (0, 37, 110):
+    expected = np.where(image < 128, np.minimum(image.astype(int) + add, 255), image)
+    np.testing.assert_array_equal(_np(augment.solarize_add(image, add)), expected)
+
+
+# --- ImageEnhance blends -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", IMAGES, ids=["random", "smooth"])
+@pytest.mark.parametrize("factor", [0.1, 0.55, 1.0, 1.45, 1.9])
+def test_enhance_ops_equal_pil(image, factor):
+  pil = Image.fromarray(image)
+  for ours, theirs in ((augment.color, ImageEnhance.Color),
+                       (augment.contrast, ImageEnhance.Contrast),
+                       (augment.brightness, ImageEnhance.Brightness),
+                       (augment.sharpness, ImageEnhance.Sharpness)):
+    np.testing.assert_array_equal(_np(ours(image, factor)),
+                                  _np(theirs(pil).enhance(factor)), err_msg=ours.__name__)
+
+
+def test_contrast_uses_the_real_image_mean():
+  # A dark image: its grey mean (~45) is far from the ~196 some TF ports end up using.
+  image = _random_image(4, 0, 90)
+  for factor in (0.5, 1.8):
+    expected = _np(ImageEnhance.Contrast(Image.fromarray(image)).enhance(factor))
+    np.testing.assert_array_equal(_np(augment.contrast(image, factor)), expected)
+  # The test can fail: blending towards a wrong mean gives a visibly different image.
+  wrong = np.clip(196 + 0.5 * (image.astype(np.float32) - 196), 0, 255).astype(np.int64)
+  expected = _np(ImageEnhance.Contrast(Image.fromarray(image)).enhance(0.5))
+  assert np.abs(wrong - expected).mean() > 50
+
+
+# --- geometric ops -------------------------------------------------------------------------
+
+
+def _pil_affine(image, matrix, resample=Image.BICUBIC):
+  pil = Image.fromarray(image)
+  return pil.transform(pil.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
+
+
+GEOMETRIC_CASES = [
+    ("Rotate", -23.7, lambda img: Image.fromarray(img).rotate(
+        -23.7, resample=Image.BICUBIC, fillcolor=FILL)),
+    ("Rotate", 12.0, lambda img: Image.fromarray(img).rotate(
+        12.0, resample=Image.BICUBIC, fillcolor=FILL)),
+    ("ShearX", 0.27, lambda img: _pil_affine(img, (1, 0.27, 0, 0, 1, 0))),
+    ("ShearY", -0.19, lambda img: _pil_affine(img, (1, 0, 0, -0.19, 1, 0))),
+    ("TranslateXRel", 0.31, lambda img: _pil_affine(img, (1, 0, 0.31 * W, 0, 1, 0))),
+    ("TranslateYRel", -0.405, lambda img: _pil_affine(img, (1, 0, 0, 0, 1, -0.405 * H))),
+]
+
+
+@pytest.mark.parametrize("name,arg,reference", GEOMETRIC_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_geometric_ops_match_pil_bicubic(name, arg, reference, jit):
+  for image in IMAGES:
+    if jit:
+      ours = augment._jitted_geometric_op(name, FILL, "bicubic")(image, tf.constant(arg, tf.float64))
+    else:
+      ours = augment.OPS[name](image, arg, fill=FILL, interpolation="bicubic")
+    diff = np.abs(_np(ours) - _np(reference(image)))
+    # PIL's transform bicubic (a = -1, truncating store) is reproduced exactly; allow a
+    # stray float-rounding +-1. A wrong kernel (a = -0.5) or centre is off by >10 levels.
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (name, diff.max(), diff.mean())
+
+
+def test_geometric_op_with_wrong_kernel_would_fail():
+  # Sanity check of the bound above: a plain bilinear rotate is far from PIL's bicubic.
+  image = IMAGES[0]
+  ours = augment.rotate(image, 20.0, fill=FILL, interpolation="bilinear")
+  theirs = Image.fromarray(image).rotate(20.0, resample=Image.BICUBIC, fillcolor=FILL)
+  assert np.abs(_np(ours) - _np(theirs)).max() > 10
+
+
+def test_bilinear_geometric_op_matches_pil():
+  image = _smooth_image()
+  ours = augment.shear_x(image, -0.23, fill=FILL, interpolation="bilinear")
+  np.testing.assert_array_equal(_np(ours), _np(_pil_affine(image, (1, -0.23, 0, 0, 1, 0),
+                                                           Image.BILINEAR)))
+
+
+# --- RandAugment magnitudes and parsing ----------------------------------------------------
+
+
+def _timm_args(name, level, negate):
+  """timm's LEVEL_TO_ARG (auto_augment.py), transcribed, for the increasing op set."""
+  sign = -1 if negate else 1
+  if name == "Rotate":
+    return sign * level / 10 * 30
+  if name == "PosterizeIncreasing":
+    return 4 - int(level / 10 * 4)
+  if name == "SolarizeIncreasing":
+    return 256 - min(256, int(level / 10 * 256))
+  if name == "SolarizeAdd":
+    return min(128, int(level / 10 * 110))
+  if name.endswith("Increasing"):
+    return max(0.1, 1.0 + sign * level / 10 * .9)
+  if name in ("ShearX", "ShearY"):
+    return sign * level / 10 * 0.3
+  if name in ("TranslateXRel", "TranslateYRel"):
+    return sign * level / 10 * 0.45
+  raise AssertionError(name)
+
+
+@pytest.mark.parametrize("level", [0., 4.4, 9., 9.73, 10.])
+@pytest.mark.parametrize("negate", [False, True])
+def test_level_to_arg_matches_timm(level, negate):
+  for name in augment.RAND_INCREASING_OPS:
+    fn = augment.LEVEL_TO_ARG[name]
+    if fn is None:
+      continue
+    ours = float(fn(tf.constant(level, tf.float64), tf.constant(negate)))
+    assert ours == pytest.approx(_timm_args(name, level, negate), abs=1e-9), name
+
+
+def test_parse_rand_augment_deit_string():
+  spec = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
+  assert (spec.magnitude, spec.num_layers, spec.prob, spec.magnitude_std) == (9, 2, 0.5, 0.5)
+  assert spec.ops == augment.RAND_INCREASING_OPS and len(spec.ops) == 15
+  assert augment.parse_rand_augment("rand-n3-m5-p0.7").ops == augment.RAND_OPS
+  assert augment.parse_rand_augment("rand-m9-mstd101").magnitude_std == math.inf
+  for bad in ("original", "rand-m9-x3", "rand-m9-tweights", "augmix-m5"):
+    with pytest.raises(ValueError, match="auto_augment"):
+      augment.parse_rand_augment(bad)
+
+
+def test_magnitude_noise_and_clipping():
+  spec = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
+  levels = np.array([float(augment._sample_magnitude(tf.constant([i, 7]), spec))
+                     for i in range(400)])
+  assert levels.min() >= 0 and levels.max() <= 10
+  assert abs(levels.mean() - 9) < 0.1 and 0.4 < levels.std() < 0.55
+  assert (levels == 10).mean() > 0.005  # the clip at 10 is hit (~2%)
+
+
+def test_rand_augment_applies_chosen_ops_with_prob():
+  image = _random_image(5)
+  inverted = 255 - image
+  spec = augment.RandAugmentSpec(magnitude=9, num_layers=1, prob=0.5, ops=("Invert",))
+  outcomes = [augment.rand_augment(image, tf.constant([s, 1]), spec, FILL).numpy()
+              for s in range(200)]
+  applied = [np.array_equal(o, inverted) for o in outcomes]
+  assert all(a or np.array_equal(o, image) for a, o in zip(applied, outcomes))
+  assert 0.4 < np.mean(applied) < 0.6
+  twice = augment.RandAugmentSpec(magnitude=9, num_layers=2, prob=1.0, ops=("Invert",))
+  np.testing.assert_array_equal(augment.rand_augment(image, tf.constant([0, 1]), twice), image)
+
+
+# --- RandomResizedCrop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (500, 333), (64, 64), (32, 40)])
+def test_crop_box_within_scale_and_ratio(shape):
+  height, width = shape
+  sample = tf.function(lambda seed: augment.sample_crop_box(seed, height, width))
+  for s in range(300):
+    top, left, h, w = (int(v) for v in sample(tf.constant([s, 3])))
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    # Sizes are rounded to whole pixels: allow half a pixel on each side.
+    assert 0.08 * height * width <= (h + 1) * (w + 1)
+    assert (h - 1) * (w - 1) <= height * width
+    assert 3 / 4 <= (w + 0.5) / max(h - 0.5, 1e-9) and (w - 0.5) / (h + 0.5) <= 4 / 3
+
+
+def test_crop_box_fallback_is_central_and_ratio_clamped():
+  # A 10x400 strip: no attempt fits, torchvision falls back to a centred 4/3 crop.
+  top, left, h, w = (int(v) for v in augment.sample_crop_box(tf.constant([1, 2]), 10, 400))
+  assert (h, w) == (10, round(10 * 4 / 3)) and top == 0 and left == (400 - w) // 2
+
+
+def test_random_resized_crop_resizes_the_box():
+  image = _smooth_image()
+  out = augment.random_resized_crop(image, tf.constant([4, 4]), 16)
+  assert out.shape == (16, 16, 3) and out.dtype == tf.uint8
+
+
+# --- RandomErasing -------------------------------------------------------------------------
+
+
+def test_random_erasing_bounds_and_probability():
+  image = tf.zeros([H, W, 3])
+  erase = tf.function(lambda seed: augment.random_erasing(image, seed, 0.25, "pixel"))
+  erased = 0
+  for s in range(400):
+    out = erase(tf.constant([s, 9])).numpy()
+    changed = np.any(out != 0, axis=-1)
+    if not changed.any():
+      continue
+    erased += 1
+    rows, cols = np.where(changed.any(1))[0], np.where(changed.any(0))[0]
+    eh, ew = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    # Only the rectangle changed (noise is never exactly 0), and all of it.
+    assert changed.sum() == eh * ew
+    assert 0.02 * H * W <= (eh + 1) * (ew + 1) and (eh - 1) * (ew - 1) <= H * W / 3
+    assert 0.3 <= (eh + 0.5) / (ew - 0.5) and (eh - 0.5) / (ew + 0.5) <= 1 / 0.3
+    values = out[changed]
+    assert abs(values.mean()) < 0.5 and 0.6 < values.std() < 1.4  # standard normal noise
+  assert 0.25 - 0.07 < erased / 400 < 0.25 + 0.07
+
+
+def test_random_erasing_modes():
+  image = tf.ones([H, W, 3])
+  seed = tf.constant([0, 0])
+  const = augment.random_erasing(image, seed, 1.0, "const").numpy()
+  rand = augment.random_erasing(image, seed, 1.0, "rand").numpy()
+  assert set(np.unique(const)) == {0., 1.}
+  patch = rand[np.any(rand != 1, axis=-1)]
+  assert len(np.unique(patch, axis=0)) == 1  # one colour per box
+  with pytest.raises(ValueError, match="remode"):
+    augment.random_erasing(image, seed, 1.0, "noise")
+
+
+# --- whole transforms ----------------------------------------------------------------------
+
+
+def _small_config(**overrides):
+  cfg = augment.default_augment_config()
+  cfg.input_size = 24
+  cfg.update(overrides)
+  return cfg
+
+
+def test_default_config_is_deit():
+  cfg = augment.default_augment_config()
+  assert cfg.input_size == 224 and cfg.crop_pct == 0.875 and augment.eval_resize_size(cfg) == 256
+  assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.reprob == 0.25
+  assert cfg.remode == "pixel" and cfg.recount == 1 and cfg.interpolation == "bicubic"
+  assert augment.fill_value(cfg.mean) == FILL
+
+
+def test_train_transform_shape_dtype_and_determinism():
+  cfg = _small_config()
+  image = _random_image(6)
+  first = augment.train_transform(image, tf.constant([1, 2]), cfg)
+  assert first.shape == (24, 24, 3) and first.dtype == tf.float32
+  np.testing.assert_array_equal(first, augment.train_transform(image, tf.constant([1, 2]), cfg))
+  assert not np.array_equal(first, augment.train_transform(image, tf.constant([1, 3]), cfg))
+  # Same result inside tf.data (graph mode, unknown input shape) with an int64 seed.
+  dataset = tf.data.Dataset.from_tensors(image).map(
+      lambda x: augment.train_transform(x, tf.constant([1, 2], tf.int64), cfg))
+  np.testing.assert_array_equal(first, next(iter(dataset)))
+
+
+def test_train_transform_jit_and_op_by_op_agree():
+  image = _smooth_image()
+  for s in range(8):
+    seed = tf.constant([s, 5])
+    np.testing.assert_array_equal(
+        augment.train_transform(image, seed, _small_config(jit=True)),
+        augment.train_transform(image, seed, _small_config(jit=False)))
+
+
+def test_train_transform_normalizes_like_totensor():
+  cfg = _small_config(auto_augment="", color_jitter=0., reprob=0., scale=(1., 1.),
+                      ratio=(W / H, W / H), hflip=0.)
+  image = _smooth_image()
+  out = augment.train_transform(image, tf.constant([0, 0]), cfg).numpy()
+  resized = augment._resize(image, [24, 24], "bicubic").numpy()
+  expected = (resized / 255. - np.array(cfg.mean)) / np.array(cfg.std)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_color_jitter_switch_and_range():
+  image = _smooth_image()
+  seed = tf.constant([3, 3])
+  np.testing.assert_array_equal(augment.color_jitter(image, seed, 0.), image)
+  jittered = augment.color_jitter(image, seed, 0.3)
+  assert jittered.dtype == tf.uint8 and not np.array_equal(jittered, image)
+  base = dict(auto_augment="", reprob=0.)
+  off = augment.train_transform(image, seed, _small_config(color_jitter=0., **base))
+  on = augment.train_transform(image, seed, _small_config(color_jitter=0.3, **base))
+  with_ra = augment.train_transform(image, seed, _small_config(color_jitter=0.3, reprob=0.))
+  ra_only = augment.train_transform(image, seed, _small_config(color_jitter=0., reprob=0.))
+  assert not np.array_equal(off, on)
+  np.testing.assert_array_equal(with_ra, ra_only)  # timm: jitter is off while RandAugment is on
+
+
+def test_three_augment_is_one_of_its_ops():
+  image = _smooth_image()
+  gray = np.asarray(Image.fromarray(image).convert("L"))
+  solarized = _np(ImageOps.solarize(Image.fromarray(image), 128))
+  kinds = set()
+  for s in range(30):
+    out = augment.three_augment(image, tf.constant([s, 1])).numpy()
+    if np.array_equal(out, np.repeat(gray[..., None], 3, -1)):
+      kinds.add("gray")
+    elif np.array_equal(out, solarized):
+      kinds.add("solarize")
+    else:  # blurred: smoother than the input, same mean
+      assert np.abs(np.diff(out.astype(int), axis=1)).mean() < np.abs(
+          np.diff(image.astype(int), axis=1)).mean()
+      assert abs(out.mean() - image.mean()) < 2
+      kinds.add("blur")
+  assert kinds == {"gray", "solarize", "blur"}
+  cfg = _small_config(three_augment=True, reprob=1.0)
+  out = augment.train_transform(image, tf.constant([0, 1]), cfg)
+  assert out.shape == (24, 24, 3)
+  # No RandomErasing with ThreeAugment (as the official DeiT III transform): every output
+  # value is a normalized uint8 level, never N(0, 1) noise.
+  levels = out.numpy() * np.array(cfg.std) + np.array(cfg.mean)
+  np.testing.assert_allclose(levels * 255, np.round(levels * 255), atol=1e-3)
+
+
+def test_eval_transform_geometry():
+  cfg = _small_config(input_size=32, crop_pct=0.8)  # resize shorter side to 40
+  image = np.random.default_rng(8).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+  out = augment.eval_transform(image, cfg).numpy()
+  assert out.shape == (32, 32, 3) and out.dtype == np.float32
+  # torchvision: Resize(40) -> 40x60, CenterCrop(32) -> offsets (4, 14); PIL bicubic resize.
+  resized = np.asarray(Image.fromarray(image).resize((60, 40), Image.BICUBIC))
+  expected = (resized[4:36, 14:46] / 255. - np.array(cfg.mean)) / np.array(cfg.std)
+  # Float vs PIL's fixed-point resize: within a couple of levels, well under a 1-px shift.
+  assert np.abs(out - expected).mean() * 0.226 * 255 < 1.0
+
+
+def test_decode_and_train_transform_matches_decoded_path():
+  image = _smooth_image()
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "JPEG", quality=95)
+  jpeg = tf.constant(buffer.getvalue())
+  cfg = _small_config()
+  for s in range(4):
+    seed = tf.constant([s, 2])
+    fused = augment.decode_and_train_transform(jpeg, seed, cfg).numpy()
+    plain = augment.train_transform(tf.io.decode_jpeg(jpeg, channels=3), seed, cfg).numpy()
+    assert np.abs(fused - plain).mean() < 0.05
+
+
+def test_bad_inputs_raise_clear_errors():
+  image = _random_image()
+  with pytest.raises(TypeError, match="uint8"):
+    augment.train_transform(image.astype(np.float32), tf.constant([0, 0]), _small_config())
+  with pytest.raises(ValueError, match="seed"):
+    augment.train_transform(image, tf.constant([0, 0, 0]), _small_config())
+  for field, value in (("interpolation", "lanczos"), ("remode", "noise"), ("scale", (1., .5)),
+                       ("crop_pct", 1.5), ("auto_augment", "v0")):
+    with pytest.raises(ValueError, match=field if field != "auto_augment" else "auto_augment"):
+      augment.train_transform(image, tf.constant([0, 0]), _small_config(**{field: value}))
