@@ -271,68 +271,65 @@ def _as_float64(x):
 
 
 def _interpolate(taps, frac, interpolation):
-  """PIL's 1-D interpolation of `taps` [..., T, C] at fraction `frac` [...], in its exact
-  arithmetic form (Geometry.c): the transform bicubic is the a = -1 cubic convolution written
-  as a polynomial in `frac`; bilinear is a lerp. T is 4 (bicubic) or 2 (bilinear)."""
-  d = frac[..., None]
+  """PIL's 1-D interpolation of the list of tap planes `taps` at fraction `frac` (all
+  [H, W]), in its exact arithmetic form (Geometry.c): the transform bicubic is the a = -1
+  cubic convolution written as a polynomial in `frac`; bilinear is a lerp."""
   if interpolation == "bicubic":
-    v1, v2, v3, v4 = tf.unstack(taps, axis=-2)
+    v1, v2, v3, v4 = taps
     p2 = -v1 + v3
     p3 = 2. * (v1 - v2) + v3 - v4
     p4 = -v1 + v2 - v3 + v4
-    return v2 + d * (p2 + d * (p3 + d * p4))
-  a, b = tf.unstack(taps, axis=-2)
-  return a + (b - a) * d
+    return v2 + frac * (p2 + frac * (p3 + frac * p4))
+  a, b = taps
+  return a + (b - a) * frac
 
 
 def _tap_offsets(interpolation):
-  return tf.constant([-1, 0, 1, 2] if interpolation == "bicubic" else [0, 1], tf.int32)
+  return (-1, 0, 1, 2) if interpolation == "bicubic" else (0, 1)
 
 
-def _warp_rows(image, xin, fill, interpolation):
-  """Resample every output pixel from its own row, at source x = `xin` [H, W] (float64).
-
-  This is `Image.transform` for maps that keep y (ShearX, TranslateX): PIL samples at the
-  pixel-centre coordinate `xin - 0.5` with edge-clamped taps, fills outputs whose `xin` falls
-  outside [0, W), computes in double and truncates.
-  """
-  w = tf.shape(image)[1]
-  pos = xin - 0.5
-  start = tf.floor(pos)
-  cols = tf.clip_by_value(tf.cast(start, tf.int32)[..., None] + _tap_offsets(interpolation),
-                          0, w - 1)
-  taps = tf.gather(tf.cast(image, tf.float64), cols, axis=1, batch_dims=1)  # [H, W, T, 3]
-  value = _interpolate(taps, pos - start, interpolation)
-  inside = (xin >= 0.) & (xin < tf.cast(w, tf.float64))
-  fill = tf.constant(fill, tf.uint8)
-  return tf.where(inside[..., None], _truncate_to_uint8(value), fill)
+def _pack_rgb(image):
+  """uint8 [H, W, 3] -> int32 [H * W] holding r | g << 8 | b << 16 (one gather per tap)."""
+  x = tf.cast(tf.reshape(image, [-1, 3]), tf.int32)
+  return x[:, 0] + tf.bitwise.left_shift(x[:, 1], 8) + tf.bitwise.left_shift(x[:, 2], 16)
 
 
-def _warp_2d(image, xin, yin, fill, interpolation):
-  """`Image.transform` for a general map: source (xin, yin) [H, W] per output pixel.
+def _warp(image, xin, yin, fill, interpolation):
+  """PIL `Image.transform`: output pixel (x, y) samples the source at (xin, yin) [H, W].
 
-  Like PIL: interpolate each of the T tap rows along x, then those along y.
+  PIL samples at the pixel-centre coordinate (xin - 0.5, yin - 0.5) with edge-clamped taps,
+  interpolates each tap row along x, then the rows along y, in double, truncates, and fills
+  outputs whose (xin, yin) falls outside [0, W) x [0, H). `yin=None` keeps every output on
+  its own row (ShearX, TranslateX: no vertical interpolation).
+
+  Layout matters for speed (this runs under XLA): one gather of a packed RGB int32 per tap,
+  and every intermediate is an [H, W] plane, so the math vectorises along W.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  pos_x, pos_y = xin - 0.5, yin - 0.5
-  start_x, start_y = tf.floor(pos_x), tf.floor(pos_y)
+  packed = _pack_rgb(image)
   offsets = _tap_offsets(interpolation)
-  cols = tf.clip_by_value(tf.cast(start_x, tf.int32)[..., None] + offsets, 0, w - 1)
-  rows = tf.clip_by_value(tf.cast(start_y, tf.int32)[..., None] + offsets, 0, h - 1)
-  index = rows[..., :, None] * w + cols[..., None, :]  # [H, W, T(y), T(x)]
-  # Gathering one packed int32 per pixel is much cheaper than gathering 3-channel rows.
-  x = tf.cast(tf.reshape(image, [-1, 3]), tf.int32)
-  packed = x[:, 0] + tf.bitwise.left_shift(x[:, 1], 8) + tf.bitwise.left_shift(x[:, 2], 16)
-  gathered = tf.gather(packed, index)[..., None]
-  shifts = tf.constant([0, 8, 16], tf.int32)
-  taps = tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(gathered, shifts), 255),
-                 tf.float64)  # [H, W, T, T, 3]
-  along_x = _interpolate(taps, (pos_x - start_x)[..., None], interpolation)  # [H, W, T, 3]
-  value = _interpolate(along_x, pos_y - start_y, interpolation)
-  inside = ((xin >= 0.) & (xin < tf.cast(w, tf.float64)) &
-            (yin >= 0.) & (yin < tf.cast(h, tf.float64)))
-  fill = tf.constant(fill, tf.uint8)
-  return tf.where(inside[..., None], _truncate_to_uint8(value), fill)
+  pos_x = xin - 0.5
+  start_x = tf.floor(pos_x)
+  cols = [tf.clip_by_value(tf.cast(start_x, tf.int32) + o, 0, w - 1) for o in offsets]
+  inside = (xin >= 0.) & (xin < tf.cast(w, tf.float64))
+  if yin is None:
+    rows = [tf.range(h)[:, None] * w]
+  else:
+    pos_y = yin - 0.5
+    start_y = tf.floor(pos_y)
+    rows = [tf.clip_by_value(tf.cast(start_y, tf.int32) + o, 0, h - 1) * w for o in offsets]
+    inside &= (yin >= 0.) & (yin < tf.cast(h, tf.float64))
+  gathered = [[tf.gather(packed, row + col) for col in cols] for row in rows]
+  channels = []
+  for shift in (0, 8, 16):
+    def unpack(g, shift=shift):
+      return tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(g, shift), 255), tf.float64)
+    along_x = [_interpolate([unpack(g) for g in row], pos_x - start_x, interpolation)
+               for row in gathered]
+    channels.append(along_x[0] if yin is None else
+                    _interpolate(along_x, pos_y - start_y, interpolation))
+  value = tf.stack(channels, axis=-1)
+  return tf.where(inside[..., None], _truncate_to_uint8(value), tf.constant(fill, tf.uint8))
 
 
 def _pixel_centres(image):
@@ -350,7 +347,7 @@ def shear_x(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
   """timm `shear_x`: AFFINE (1, factor, 0, 0, 1, 0), i.e. output (x, y) <- input (x + f y, y)."""
   xs, ys = _pixel_centres(image)
   xin = xs + _as_float64(factor) * ys
-  return _warp_rows(image, xin, fill, interpolation)
+  return _warp(image, xin, None, fill, interpolation)
 
 
 def shear_y(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
@@ -363,7 +360,7 @@ def translate_x_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
   xs, _ = _pixel_centres(image)
   pixels = _as_float64(pct) * tf.cast(tf.shape(image)[1], tf.float64)
   xin = tf.broadcast_to(xs + pixels, tf.shape(image)[:2])
-  return _warp_rows(image, xin, fill, interpolation)
+  return _warp(image, xin, None, fill, interpolation)
 
 
 def translate_y_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
@@ -384,7 +381,7 @@ def rotate(image, degrees, fill=(128, 128, 128), interpolation="bicubic"):
   xs, ys = _pixel_centres(image)
   xin = cos * xs + sin * ys + (cos * -cx + sin * -cy + cx)
   yin = -sin * xs + cos * ys + (-sin * -cx + cos * -cy + cy)
-  return _warp_2d(image, xin, yin, fill, interpolation)
+  return _warp(image, xin, yin, fill, interpolation)
 
 
 # Name -> op, as timm's NAME_TO_OP. 'Increasing' variants share the op and differ only in
