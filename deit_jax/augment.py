@@ -14,16 +14,23 @@ Every random choice comes from the `seed` argument (shape [2], int32/int64) thro
 `tf.random.stateless_*`, so a given (image, seed) always gives the same output; each stage
 gets its own seed by `stateless_fold_in(seed, stage)`.
 
-The RandAugment ops reproduce PIL's uint8 arithmetic (LUTs, `Image.blend` truncation, the
-`ImageFilter.SMOOTH` rounding, `Image.transform`'s bicubic with a = -1 and its fill rule):
-invert / posterize / solarize / solarize_add / auto_contrast / equalize / the enhance ops
-are bit-exact, the affine ops match up to rare +-1 float rounding.
-Documented differences from the PIL pipeline:
-  * resizes (RandomResizedCrop, eval) use `tf.image.resize(antialias=True)`, the same
-    kernels as PIL's resize but in float instead of PIL's fixed point: mean |diff| ~0.2
-    grey levels, max a few levels.
+The RandAugment ops reproduce PIL's uint8 arithmetic (LUTs, `Image.blend`'s float32
+truncation, the `ImageFilter.SMOOTH` rounding, `Image.transform`'s bicubic with a = -1, its
+double arithmetic and fill rule): all 15 ops give PIL's exact bytes in the tests (the affine
+ones compute in float64 like PIL, so a different summation order could in principle flip a
+rare +-1). Documented differences from the PIL pipeline:
+  * resizes (RandomResizedCrop, eval) use TF's antialiased `ScaleAndTranslate` (what
+    `tf.image.resize(antialias=True)` runs), the same kernels as PIL's resize but in float
+    instead of PIL's fixed point: mean |diff| ~0.2 grey levels, max a few levels.
   * ThreeAugment's blur is a true Gaussian (sigma = radius); PIL approximates it with three
     box blurs.
+  * posterize to 0 bits gives black (Pillow of DeiT's time); Pillow >= 10 raises instead.
+
+Speed: the per-pixel work that is exact under XLA (table lookups, geometric warps,
+normalization) runs as small XLA-compiled functions (compiled once per image shape);
+the blends (`Image.blend`) stay op-by-op, since XLA's CPU backend fuses their multiply-add
+into an FMA and would change PIL's float32 rounding. `decode_and_train_transform` decodes
+only the crop box of a JPEG.
 """
 import dataclasses
 import functools
@@ -69,8 +76,6 @@ def default_augment_config():
       recount=1,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
-      # Run the geometric RandAugment ops and normalize through XLA: same results, faster.
-      jit=True,
   ))
 
 
@@ -99,14 +104,11 @@ def _blend(degenerate, image, factor):
 
   This is how every `ImageEnhance` class works: factor 0 gives `degenerate`, 1 the image,
   above 1 it extrapolates away from `degenerate` (then clips). PIL rounds the product to
-  float32 before the add; the product is formed in float64 (exact for these operands) and
-  rounded explicitly, so XLA cannot fuse it into an FMA and change the rounding.
+  float32 before the add, as op-by-op TF does (never run this under XLA: see module doc).
   """
   degenerate = tf.cast(degenerate, tf.float32)
   image = tf.cast(image, tf.float32)
-  factor = tf.cast(tf.cast(factor, tf.float32), tf.float64)
-  product = tf.cast(factor * tf.cast(image - degenerate, tf.float64), tf.float32)
-  return _truncate_to_uint8(degenerate + product)
+  return _truncate_to_uint8(degenerate + tf.cast(factor, tf.float32) * (image - degenerate))
 
 
 def _grayscale(image):
@@ -244,7 +246,7 @@ def _smooth(image):
 
   PIL leaves the one-pixel border unchanged. The weighted sum s is an integer and s / 13 is
   never exactly x.5, so the integer form floor((2s + 13) / 26) is exact. Sums of shifted
-  slices (not a conv) keep it exact and fast, also under XLA.
+  slices are cheaper than a depthwise conv here.
   """
   x = tf.cast(image, tf.int32)
   h, w = tf.shape(x)[0], tf.shape(x)[1]
@@ -505,31 +507,26 @@ LEVEL_TO_ARG = {
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_geometric_op(name, fill, interpolation):
+def _compiled_geometric_op(name, fill, interpolation):
   """XLA-compiled geometric op (one compile per image shape, cached for the process).
 
-  The warps are gathers plus element-wise float64 math: XLA fuses them, ~5x faster than
-  op-by-op TF, and their results stay identical to PIL (checked in the tests). The blend ops
-  stay op-by-op: XLA's CPU backend contracts their multiply-add into an FMA, which changes
-  PIL's float32 rounding.
+  The warps are gathers plus element-wise float64 math: XLA fuses them, ~7x faster than
+  op-by-op TF, and their results stay identical to PIL (checked in the tests).
   """
   fn = functools.partial(OPS[name], fill=fill, interpolation=interpolation)
   return tf.function(fn, jit_compile=True, autograph=False)
 
 
-def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic",
-             jit=False):
+def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic"):
   """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map.
 
-  `jit=True` runs the geometric ops through XLA (same results, faster).
+  Geometric ops run XLA-compiled (same results as calling OPS[name] directly, faster).
   """
   level = _as_float64(level)  # timm maps levels in Python floats
   level_fn = LEVEL_TO_ARG[name]
   arg = None if level_fn is None else level_fn(level, tf.convert_to_tensor(negate))
   if name in GEOMETRIC_OPS:
-    if jit:
-      return _jitted_geometric_op(name, tuple(fill), interpolation)(image, arg)
-    return OPS[name](image, arg, fill=fill, interpolation=interpolation)
+    return _compiled_geometric_op(name, tuple(fill), interpolation)(image, arg)
   return OPS[name](image, arg)
 
 
@@ -588,7 +585,7 @@ def _sample_magnitude(seed, spec):
   return tf.clip_by_value(level, 0., spec.magnitude_max)
 
 
-def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic", jit=False):
+def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic"):
   """timm `RandAugment`: `num_layers` ops drawn uniformly with replacement, each applied with
   probability `spec.prob` at a freshly sampled magnitude and sign.
 
@@ -606,8 +603,7 @@ def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic
     negate = tf.random.stateless_uniform([], seeds[3]) > 0.5
     # Default arguments bind this layer's input image and op name into each branch.
     branches = [
-        lambda name=name, image=image: apply_op(name, image, level, negate, fill, interpolation,
-                                                jit)
+        lambda name=name, image=image: apply_op(name, image, level, negate, fill, interpolation)
         for name in spec.ops]
     branches.append(lambda image=image: image)  # layer skipped
     image = tf.switch_case(tf.where(applied, op_index, num_ops), branches)
@@ -903,7 +899,6 @@ def _train_transform_from_crop(crop, seed, cfg):
   ThreeAugment, normalize, RandomErasing."""
   stage = lambda s: _stage_seed(seed, s)
   size = int(cfg.input_size)
-  jit = bool(getattr(cfg, "jit", True))
   mean, std = tuple(cfg.mean), tuple(cfg.std)
   norm = functools.partial(normalize, mean=mean, std=std)
   image = _resize(crop, [size, size], cfg.interpolation)
@@ -918,7 +913,7 @@ def _train_transform_from_crop(crop, seed, cfg):
   if cfg.auto_augment:
     image = rand_augment(image, stage(_STAGE_RAND_AUGMENT),
                          parse_rand_augment(cfg.auto_augment), fill=fill_value(mean),
-                         interpolation=cfg.interpolation, jit=jit)
+                         interpolation=cfg.interpolation)
   elif jitter:  # timm disables color jitter while RandAugment is on
     image = color_jitter(image, stage(_STAGE_COLOR_JITTER), float(cfg.color_jitter))
   image = norm(image)
