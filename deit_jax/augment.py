@@ -745,8 +745,8 @@ def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 def sample_erase_box(seed, height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
                      max_aspect=None, count=1):
-  """timm RandomErasing box as int32 (top, left, erase_h, erase_w); (0, 0, 0, 0) if none of
-  the 10 attempts fits (strictly smaller than the image), as timm then erases nothing."""
+  """timm RandomErasing box as int32 (top, left, erase_h, erase_w); erase_h = erase_w = 0 if
+  none of the 10 attempts fits (strictly smaller than the image): timm then erases nothing."""
   max_aspect = max_aspect or 1 / min_aspect
   area_seed, aspect_seed, top_seed, left_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
@@ -874,20 +874,32 @@ def train_transform(image, seed, cfg):
   return _train_transform_from_crop(crop, seed, cfg)
 
 
-def decode_and_train_transform(jpeg, seed, cfg):
-  """`train_transform(tf.io.decode_jpeg(jpeg, channels=3), seed, cfg)`, decoding only the
-  RandomResizedCrop box (`tf.image.decode_and_crop_jpeg`), which is faster.
+def decode_and_train_transform(encoded, seed, cfg):
+  """`train_transform(decoded image, seed, cfg)` from encoded bytes, decoding only the
+  RandomResizedCrop box of a JPEG (`tf.image.decode_and_crop_jpeg`), which is faster.
 
-  Same box and same random draws; libjpeg's cropped decode can differ from the full decode
-  by a few levels on a small fraction of pixels (chroma upsampling at the crop edges).
+  Same box and same random draws as `train_transform`; libjpeg's cropped decode can differ
+  from the full decode by a few levels on a small fraction of pixels (chroma upsampling at
+  the crop edges). Non-JPEG bytes (PNG, GIF, BMP: ImageNet has a few) are fully decoded.
   """
   check_config(cfg)
   seed = _check_seed(seed)
-  shape = tf.image.extract_jpeg_shape(jpeg)
-  box = sample_crop_box(_stage_seed(seed, _STAGE_CROP), shape[0], shape[1], tuple(cfg.scale),
-                        tuple(cfg.ratio))
-  crop = tf.image.decode_and_crop_jpeg(jpeg, tf.stack(box), channels=3)
-  return _train_transform_from_crop(crop, seed, cfg)
+  crop_seed = _stage_seed(seed, _STAGE_CROP)
+  scale, ratio = tuple(cfg.scale), tuple(cfg.ratio)
+
+  def jpeg_crop():
+    shape = tf.image.extract_jpeg_shape(encoded)
+    box = sample_crop_box(crop_seed, shape[0], shape[1], scale, ratio)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack(box), channels=3)
+
+  def other_crop():
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = sample_crop_box(crop_seed, shape[0], shape[1], scale, ratio)
+    return tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
+
+  crop = tf.cond(tf.io.is_jpeg(encoded), jpeg_crop, other_crop)
+  return _train_transform_from_crop(tf.ensure_shape(crop, [None, None, 3]), seed, cfg)
 
 
 def _stage_seed(seed, stage):

@@ -387,6 +387,13 @@ def test_decode_and_train_transform_matches_decoded_path():
     fused = augment.decode_and_train_transform(jpeg, seed, cfg).numpy()
     plain = augment.train_transform(tf.io.decode_jpeg(jpeg, channels=3), seed, cfg).numpy()
     assert np.abs(fused - plain).mean() < 0.05
+  # Non-JPEG bytes take the full-decode path and give exactly train_transform's result.
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "PNG")
+  seed = tf.constant([7, 2])
+  np.testing.assert_array_equal(
+      augment.decode_and_train_transform(tf.constant(buffer.getvalue()), seed, cfg),
+      augment.train_transform(image, seed, cfg))
 
 
 def test_bad_inputs_raise_clear_errors():
