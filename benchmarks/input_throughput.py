@@ -106,6 +106,7 @@ def run_ours(paths, num_images, warmup, per_core, fused_decode):
 
 
 def _timm_transform():
+  """timm's DeiT train transform, with Pillow >= 10's posterize(0 bits) error patched out."""
   import timm.data
   from timm.data import auto_augment
 
@@ -116,11 +117,10 @@ def _timm_transform():
       return img.point(lambda _: 0)
     return original(img, bits_to_keep, **kwargs)
 
-  auto_augment.posterize = posterize
-  for table in (auto_augment.NAME_TO_OP,):
-    for key, fn in list(table.items()):
-      if fn is original:
-        table[key] = posterize
+  # AugmentOp looks its function up in NAME_TO_OP when the transform is built.
+  for name, fn in list(auto_augment.NAME_TO_OP.items()):
+    if fn is original:
+      auto_augment.NAME_TO_OP[name] = posterize
   return timm.data.create_transform(
       224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
       re_prob=0.25, re_mode="pixel", re_count=1)
