@@ -54,6 +54,14 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return tree
 
 
+def merge_trees(*trees: Mapping) -> dict:
+  """Nested dicts with disjoint leaves -> one nested dict (e.g. parameters + BatchNorm stats)."""
+  flat: dict[str, Any] = {}
+  for tree in trees:
+    flat.update(flatten(tree))
+  return unflatten(flat)
+
+
 def model_params(model: nnx.Module, variables=nnx.Param) -> dict[str, Any]:
   """The model's variables (parameters by default) as a flat {'blocks/0/attn/qkv/kernel': array}."""
   return flatten(nnx.to_pure_dict(nnx.state(model, variables)))

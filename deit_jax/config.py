@@ -53,7 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint": "",  # Orbax dir from `python -m deit_jax.convert` or a teacher training run
       "source": "model",  # 'model': run inside the step; 'precomputed': read stored outputs
       "precomputed_dir": "",
-      "top_k": 10,  # logits stored per image by --mode=precompute_teacher (soft distillation)
+      # --mode=precompute_teacher: logits kept per image for soft distillation (hard keeps the
+      # argmax), their dtype, and how many epochs to cover (default: the whole run).
+      "top_k": 10, "store_dtype": "float16",
+      "precompute_epochs": FieldReference(None, field_type=int),
       "img_size": FieldReference(None, field_type=int),  # default: the student's resolution
       "mean": augment.IMAGENET_MEAN, "std": augment.IMAGENET_STD})
 

@@ -99,7 +99,7 @@ def convert(model_name: str, checkpoint_path: str, output: str, **overrides) -> 
       raise ValueError(f"Unknown model {model_name!r}. Known DeiT models: "
                        f"{', '.join(sorted(models.MODELS))}; teachers: "
                        f"{', '.join(sorted(teachers.TEACHERS))}.")
-    model = teachers.create_teacher(model_name, **overrides)
+    model = teachers.abstract_teacher(model_name, **overrides)
     try:
       teachers.load_torch_state_dict(model, model_name, sd)
     except (KeyError, ValueError) as e:

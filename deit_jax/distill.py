@@ -111,3 +111,116 @@ def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
     with open(os.path.join(workdir, "teacher.json"), "w") as f:
       json.dump(record, f, indent=2)
   return teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Precomputed teacher outputs: written once by `launch.py --mode=precompute_teacher`, read by
+# training runs whose stream is the same (checked through a stored fingerprint).
+# ----------------------------------------------------------------------------------------------
+_FINGERPRINT = "fingerprint.json"
+# Classes outside the stored top-k get this logit: exp() of it is exactly 0 in float32, yet it
+# stays finite so 0 * logit terms in the KL stay 0.
+_ABSENT_LOGIT = -1e9
+
+
+def logits_from_topk(values, indices, num_classes: int):
+  """Teacher logits rebuilt from stored top-k values/indices (hard distillation stores k=1 and
+  no values: only the argmax matters)."""
+  base = jnp.full(indices.shape[:-1] + (num_classes,), _ABSENT_LOGIT, jnp.float32)
+  rows = jnp.arange(indices.shape[0])[:, None]
+  return base.at[rows, indices].set(values.astype(jnp.float32))
+
+
+def _json(value):
+  return json.loads(json.dumps(value))
+
+
+def store_fingerprint(config, *, num_examples: int, num_classes: int, steps_per_epoch: int,
+                      num_groups: int, teacher_sha256: str | None) -> dict:
+  """Everything the stored outputs depend on. Two runs with equal fingerprints see the same
+  (mixed) images at every step, so the stored outputs are exactly the teacher's on them."""
+  d = config.data
+  return _json({
+      "version": 1,
+      "data": {k: d.get(k) for k in ("source", "name", "split", "root", "path", "image_size")},
+      "num_examples": num_examples, "num_classes": num_classes, "seed": config.seed,
+      "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
+      "aug": config.aug.to_dict(), "mixup": config.mixup.to_dict(), "mixup_groups": num_groups,
+      "kind": config.distillation.kind,
+      "top_k": 1 if config.distillation.kind == "hard" else config.teacher.top_k,
+      "store_dtype": config.teacher.store_dtype,
+      "teacher": {"sha256": teacher_sha256, "img_size": config.teacher.img_size,
+                  "mean": config.teacher.mean, "std": config.teacher.std},
+  })
+
+
+def fingerprint_differences(stored: dict, expected: dict) -> list[str]:
+  a, b = checkpoint.flatten(stored), checkpoint.flatten(expected)
+  if b.get("teacher/sha256") is None:  # no teacher checkpoint given to compare against
+    b["teacher/sha256"] = a.get("teacher/sha256")
+  return [f"{k}: stored {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)]
+
+
+def _epoch_file(directory: str, epoch: int, process: int, processes: int) -> str:
+  return os.path.join(directory, f"epoch{epoch:05d}_process{process:03d}of{processes:03d}.npz")
+
+
+def write_epoch(directory: str, epoch: int, indices: np.ndarray, values: np.ndarray | None):
+  """This process's rows of one epoch: indices [steps, local_rows, k] (and values)."""
+  os.makedirs(directory, exist_ok=True)
+  path = _epoch_file(directory, epoch, jax.process_index(), jax.process_count())
+  tmp = path + ".tmp.npz"
+  arrays = {"indices": indices} if values is None else {"indices": indices, "values": values}
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # atomic: an interrupted precompute never leaves a half file
+
+
+def epoch_written(directory: str, epoch: int) -> bool:
+  return os.path.exists(_epoch_file(directory, epoch, jax.process_index(), jax.process_count()))
+
+
+def write_fingerprint(directory: str, fingerprint: dict, num_steps: int, processes: int):
+  with open(os.path.join(directory, _FINGERPRINT), "w") as f:
+    json.dump({"fingerprint": fingerprint, "num_steps": num_steps, "processes": processes}, f,
+              indent=2)
+
+
+class PrecomputedTeacher:
+  """Reads stored teacher outputs aligned with the train stream (any process count)."""
+
+  def __init__(self, directory: str, expected: dict, total_steps: int):
+    path = os.path.join(directory, _FINGERPRINT)
+    if not os.path.exists(path):
+      raise TeacherError(f"{directory} holds no complete precomputed teacher outputs (no "
+                         f"{_FINGERPRINT}); run `launch.py --mode=precompute_teacher` first.")
+    with open(path) as f:
+      meta = json.load(f)
+    diffs = fingerprint_differences(meta["fingerprint"], expected)
+    if diffs:
+      raise TeacherError(f"The precomputed teacher outputs in {directory} were made for another "
+                         "stream; what differs:\n  " + "\n  ".join(diffs) +
+                         "\nRecompute them with --mode=precompute_teacher for this config.")
+    if meta["num_steps"] < total_steps:
+      raise TeacherError(f"{directory} covers {meta['num_steps']} steps but this run has "
+                         f"{total_steps}; precompute more epochs.")
+    self.directory, self.processes = directory, meta["processes"]
+    self.steps_per_epoch = expected["steps_per_epoch"]
+    self._epoch, self._data = None, None
+
+  def _load(self, epoch: int):
+    parts = [np.load(_epoch_file(self.directory, epoch, p, self.processes))
+             for p in range(self.processes)]
+    # Process files hold consecutive row blocks of each global batch.
+    self._data = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0].files}
+    self._epoch = epoch
+
+  def rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Batch keys 'teacher_topk_indices' / 'teacher_topk_values' for rows [start, stop)."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._load(epoch)
+    idx = self._data["indices"][i, start:stop]
+    vals = self._data.get("values")
+    vals = np.zeros(idx.shape, np.float32) if vals is None else vals[i, start:stop]
+    return {"teacher_topk_indices": idx.astype(np.int32), "teacher_topk_values": vals}

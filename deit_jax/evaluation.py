@@ -10,14 +10,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
-from deit_jax import data
+from deit_jax import data, models
 
 
 def make_eval_step(eval_graphdef) -> Callable:
-  """Sums of correct top-1/top-5 predictions (masked) for each head and the EMA."""
+  """Sums of correct top-1/top-5 predictions (masked) for each head and the EMA.
+
+  The step takes the model's variables (parameters, and BatchNorm statistics for CNNs) as one
+  nested dict, and the EMA's likewise (or None)."""
 
   def correct(logits, labels, mask):
     top5 = jax.lax.top_k(logits, 5)[1]
@@ -25,8 +27,11 @@ def make_eval_step(eval_graphdef) -> Callable:
     hit5 = jnp.any(top5 == labels[:, None], axis=-1)
     return {"top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask)}
 
-  def heads(params, images):
-    _, aux = nnx.merge(eval_graphdef, params)(images, return_aux=True)
+  def heads(variables, images):
+    model = nnx.merge(eval_graphdef, variables)
+    if not isinstance(model, models.DeiT):  # a CNN (teacher) has one head
+      return {"cls": model(images)}
+    _, aux = model(images, return_aux=True)
     out = {"cls": aux["cls_logits"]}
     if "dist_logits" in aux:
       out["dist"] = aux["dist_logits"]

@@ -27,35 +27,39 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *, checkpoin
   raise ValueError(f"Unknown mode {mode!r}.")
 
 
-def _load_ema(directory: str):
-  try:
-    return checkpoint.load_model(directory, ema=True)
-  except checkpoint.CheckpointError:
-    return None  # converted weights and runs without EMA have none
+def _variables(model) -> tuple:
+  """(eval graphdef, parameters + BatchNorm statistics as one string-keyed tree)."""
+  graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return graphdef, checkpoint.merge_trees(*(train.str_keys(s) for s in states))
 
 
 def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[str, float]:
-  """Top-1/top-5 of a checkpoint (converted or trained) on config's eval split, every head."""
+  """Top-1/top-5 of a checkpoint (converted or trained; DeiT or CNN) on config's eval split,
+  every head, and the EMA when the checkpoint is a training run's."""
   ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
   model = checkpoint.load_model(ckpt_dir)
-  if not isinstance(model, models.DeiT):
-    raise ValueError(f"{ckpt_dir} holds a {type(model).__name__}, not a DeiT model.")
-  ema = _load_ema(ckpt_dir) if checkpoint_dir is None else None
+  try:
+    ema = checkpoint.load_model(ckpt_dir, ema=True)
+  except checkpoint.CheckpointError:
+    ema = None  # converted weights and runs without EMA have none
   config = ml_collections.ConfigDict(config.to_dict())
-  config.aug.input_size = model.config.img_size  # the eval transform follows the checkpoint
+  if isinstance(model, models.DeiT):
+    config.aug.input_size = model.config.img_size  # the eval transform follows the checkpoint
+  size = config.aug.input_size
+  num_classes = jax.eval_shape(lambda: model(jnp.zeros((1, size, size, 3)))).shape[-1]
   eval_data = ml_collections.ConfigDict(config.data.to_dict())
   eval_data.split = config.data.eval_split
   source = data.build_source(eval_data)
-  if source.num_classes != model.config.num_classes:
+  if source.num_classes != num_classes:
     raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
-                     f"{model.config.num_classes}.")
+                     f"{num_classes}.")
   mesh = sharding.make_mesh()
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = jax.device_put(params, sharding.replicated(mesh))
-  ema_params = None if ema is None else jax.device_put(nnx.state(ema, nnx.Param),
-                                                       sharding.replicated(mesh))
+  graphdef, variables = _variables(model)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  ema_vars = None if ema is None else jax.device_put(_variables(ema)[1],
+                                                     sharding.replicated(mesh))
   step = jax.jit(evaluation.make_eval_step(graphdef))
-  results = evaluation.evaluate(step, params, ema_params, source, config,
+  results = evaluation.evaluate(step, variables, ema_vars, source, config,
                                 sharding.batch_sharding(mesh))
   train.log("eval of " + ckpt_dir + ": " + ", ".join(
       f"{k[5:]} {v:.2f}" for k, v in sorted(results.items()) if k != "eval/count"))
@@ -79,7 +83,7 @@ def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, floa
                     total_steps=100_000, warmup_steps=1000, peak_lr=1e-3, num_train_examples=0,
                     num_eval_examples=0, num_classes=config.data.num_classes)
   student = train.build_model_state(config, plan, mesh)
-  size = student.model_cfg.img_size
+  size = config.aug.input_size
 
   def images(n):
     return jax.device_put(jnp.zeros((n, size, size, 3), jnp.float32),
@@ -97,9 +101,10 @@ def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, floa
     return (time.perf_counter() - t) / iters
 
   state = student.init()
-  infer = jax.jit(lambda p, x: nnx.merge(student.eval_graphdef, p)(x))
+  infer = jax.jit(lambda v, x: nnx.merge(student.eval_graphdef, v)(x))
   eval_images = images(config.eval_batch_size)
-  infer_s = timed(lambda out: infer(state["params"], eval_images), None)
+  variables = train.persistent(state)
+  infer_s = timed(lambda out: infer(variables, eval_images), None)
 
   step = train.jit_train_step(config, plan, student, mesh)
   batch = {"image": images(config.batch_size),

@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 
 from deit_jax import checkpoint, data, distill, evaluation, losses, mixup, models, sharding
+from deit_jax import teachers
 
 TRAIN_STATE_ITEM = "train_state"
 
@@ -58,6 +59,11 @@ def str_keys(state) -> dict:
   return checkpoint.unflatten(checkpoint.flatten(nnx.to_pure_dict(state)))
 
 
+def is_cnn(config) -> bool:
+  """CNN teachers train with the same launcher (plain supervised, no distillation)."""
+  return config.model in teachers.TEACHERS
+
+
 def model_overrides(config) -> dict:
   kw = {k: v for k, v in config.model_kw.items()}
   if kw.get("attention_impl") == "":
@@ -67,15 +73,24 @@ def model_overrides(config) -> dict:
 
 def validate_config(config, num_devices: int) -> None:
   """Every check that needs no data and no compilation."""
-  if config.model not in models.MODELS:
-    raise ConfigError(f"config.model={config.model!r} is not a DeiT model; known: "
-                      f"{', '.join(sorted(models.MODELS))}.")
+  if config.model not in models.MODELS and config.model not in teachers.TEACHERS:
+    raise ConfigError(f"config.model={config.model!r} is not a DeiT model nor a CNN teacher; "
+                      f"known: {', '.join(sorted(models.MODELS))}; teachers: "
+                      f"{', '.join(sorted(teachers.TEACHERS))}.")
   if not config.data.num_classes:
     raise ConfigError("config.data.num_classes must be set (e.g. 1000 for ImageNet).")
-  try:
-    cfg = models.model_config(config.model, **model_overrides(config))
-  except ValueError as e:
-    raise ConfigError(f"config.model_kw: {e}") from e
+  if is_cnn(config):
+    if config.distillation.kind != "none":
+      raise ConfigError(f"{config.model} is a CNN (a teacher); it trains without distillation: "
+                        "set --config.distillation.kind=none.")
+    if config.init_checkpoint:
+      raise ConfigError("config.init_checkpoint (fine-tuning) is for DeiT models.")
+    cfg = None
+  else:
+    try:
+      cfg = models.model_config(config.model, **model_overrides(config))
+    except ValueError as e:
+      raise ConfigError(f"config.model_kw: {e}") from e
   b, k = config.batch_size, config.grad_accum_steps
   if k < 1:
     raise ConfigError(f"config.grad_accum_steps={k} must be >= 1.")
@@ -103,7 +118,7 @@ def validate_config(config, num_devices: int) -> None:
       distill.validate_teacher_config(config.teacher, dist.kind)
     except distill.TeacherError as e:
       raise ConfigError(str(e)) from e
-  if not cfg.distilled:
+  if cfg is not None and not cfg.distilled:
     if not config.optimizer.decay_dist_token:
       raise ConfigError(f"config.optimizer.decay_dist_token=False is a distillation-token option, "
                         f"but {config.model} has no distillation token. Use a *_distilled_* model "
@@ -175,71 +190,91 @@ def make_optimizer(config, plan: Plan, params: dict) -> tuple[optax.GradientTran
 # ==============================================================================================
 # Steps.
 # ==============================================================================================
-def make_train_step(config, plan: Plan, graphdef, tx, schedule, teacher) -> Callable:
-  dist, mix = config.distillation, config.mixup
-  k = config.grad_accum_steps
-  groups = plan.num_devices if mix.per_device else 1
+def step_keys(rng_data, step):
+  """(mixup key, stochastic-depth key) of a step: a function of the run's seed and the step."""
+  return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng_data), step))
 
-  def loss_fn(params, images, targets, teacher_logits, key):
-    model = nnx.merge(graphdef, params)
-    out = model(images, rngs=key)
+
+def mix_batch(config, plan: Plan, key, images, labels):
+  """Mixup/CutMix with smoothed targets; pairs within each device's rows when per_device."""
+  mix = config.mixup
+  return mixup.mixup_cutmix(
+      key, images, labels, num_classes=plan.num_classes, mixup_alpha=mix.mixup_alpha,
+      cutmix_alpha=mix.cutmix_alpha, prob=mix.prob, switch_prob=mix.switch_prob,
+      label_smoothing=config.label_smoothing,
+      cutmix_minmax=tuple(mix.cutmix_minmax) if mix.cutmix_minmax else None,
+      num_groups=plan.num_devices if mix.per_device else 1)
+
+
+def make_train_step(config, plan: Plan, graphdef, tx, schedule, teacher) -> Callable:
+  dist = config.distillation
+  k = config.grad_accum_steps
+  deit = not is_cnn(config)
+
+  def loss_fn(params, batch_stats, images, targets, teacher_logits, key):
+    model = nnx.merge(graphdef, params, batch_stats)
+    out = model(images, rngs=key) if deit else model(images)
     terms = losses.distillation_terms(out, targets, teacher_logits, kind=dist.kind,
                                       alpha=dist.alpha, tau=dist.tau, reduction=dist.reduction)
-    return terms["loss"], terms
+    return terms["loss"], (terms, str_keys(nnx.state(model, nnx.BatchStat)))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, batch, teacher_params):
-    params = state["params"]
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    mix_key, drop_key = jax.random.split(key)
-    images, targets = mixup.mixup_cutmix(
-        mix_key, batch["image"], batch["label"], num_classes=plan.num_classes,
-        mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
-        switch_prob=mix.switch_prob, label_smoothing=config.label_smoothing,
-        cutmix_minmax=tuple(mix.cutmix_minmax) if mix.cutmix_minmax else None, num_groups=groups)
+    params, stats = state["params"], state["batch_stats"]
+    mix_key, drop_key = step_keys(state["rng"], state["step"])
+    images, targets = mix_batch(config, plan, mix_key, batch["image"], batch["label"])
     # The teacher sees exactly the student's augmented, mixed images.
     if dist.kind == "none":
       teacher_logits = jnp.zeros((images.shape[0], 0), jnp.float32)
-    elif "teacher_logits" in batch:
-      teacher_logits = batch["teacher_logits"]
+    elif "teacher_topk_indices" in batch:  # precomputed by --mode=precompute_teacher
+      teacher_logits = distill.logits_from_topk(batch["teacher_topk_values"],
+                                                batch["teacher_topk_indices"], plan.num_classes)
     else:
       teacher_logits = teacher.logits(teacher_params, images)
     if k == 1:
-      (loss, terms), grads = grad_fn(params, images, targets, teacher_logits, drop_key)
+      (loss, (terms, new_stats)), grads = grad_fn(params, stats, images, targets, teacher_logits,
+                                                  drop_key)
     else:
       # Microbatch i takes rows i, i+k, i+2k, ...: every microbatch stays spread over all
       # devices, so no data moves between devices. Mean of equal-size means = the big mean.
+      # BatchNorm statistics (CNNs) are updated microbatch after microbatch.
       split = lambda x: jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
       micro = (split(images), split(targets), split(teacher_logits), jnp.arange(k))
 
-      def body(acc, xs):
+      def body(carry, xs):
+        acc, stats_i = carry
         im, tg, tl, i = xs
-        (l, t), g = grad_fn(params, im, tg, tl, jax.random.fold_in(drop_key, i))
-        return jax.tree.map(jnp.add, acc, (l, t, g)), None
+        (l, (t, stats_i)), g = grad_fn(params, stats_i, im, tg, tl, jax.random.fold_in(drop_key, i))
+        return (jax.tree.map(jnp.add, acc, (l, t, g)), stats_i), None
 
-      zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), {"loss": 0., "base": 0.,
-                                                             "distill": 0.}, params))
-      zeros = (zeros[0], jax.tree.map(lambda x: jnp.zeros((), jnp.float32), zeros[1]), zeros[2])
-      (loss, terms, grads), _ = jax.lax.scan(body, zeros, micro)
+      zero = jnp.zeros((), jnp.float32)
+      acc0 = (zero, {"loss": zero, "base": zero, "distill": zero},
+              jax.tree.map(jnp.zeros_like, params))
+      ((loss, terms, grads), new_stats), _ = jax.lax.scan(body, (acc0, stats), micro)
       loss, terms, grads = jax.tree.map(lambda x: x / k, (loss, terms, grads))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    # A non-finite loss leaves the state untouched; the host stops the run naming the step.
-    finite = jnp.isfinite(loss)
+    # A non-finite loss or update leaves the state untouched; the host then stops the run
+    # naming the step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-    new_state = {**state, "params": new_params, "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    new_state = {**state, "params": keep(new_params, params), "batch_stats": keep(new_stats, stats),
+                 "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1}
     if "ema" in state:
-      new_state["ema"] = optax.incremental_update(new_params, state["ema"],
+      new_state["ema"] = optax.incremental_update(persistent(new_state), state["ema"],
                                                   1.0 - config.ema_decay)
     metrics = {"loss": loss, "base_loss": terms["base"], "distill_loss": terms["distill"],
-               "lr": schedule(state["step"]), "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads),
                "finite": finite}
     return new_state, metrics
 
   return step
+
+
+def persistent(state) -> dict:
+  """What a model checkpoint holds: parameters plus BatchNorm statistics (CNNs)."""
+  return checkpoint.merge_trees(state["params"], state["batch_stats"])
 
 
 # ==============================================================================================
@@ -299,12 +334,14 @@ def _managers(workdir: str, config):
 
 
 def _save_args(state, description):
-  return ocp.args.Composite(**{
+  items = {
       checkpoint.MODEL_ITEM: ocp.args.JsonSave(description),
-      checkpoint.PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
-      checkpoint.EMA_ITEM: ocp.args.StandardSave(state.get("ema", {})),
+      checkpoint.PARAMS_ITEM: ocp.args.StandardSave(persistent(state)),
       TRAIN_STATE_ITEM: ocp.args.StandardSave(
-          {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]})})
+          {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]})}
+  if "ema" in state:
+    items[checkpoint.EMA_ITEM] = ocp.args.StandardSave(state["ema"])
+  return ocp.args.Composite(**items)
 
 
 def check_workdir_model(mngr, description: dict, workdir: str):
@@ -314,9 +351,11 @@ def check_workdir_model(mngr, description: dict, workdir: str):
     return
   stored = mngr.restore(step, args=ocp.args.Composite(**{
       checkpoint.MODEL_ITEM: ocp.args.JsonRestore()}))[checkpoint.MODEL_ITEM]
+  description = json.loads(json.dumps(description))  # as stored: tuples become lists
   if dict(stored) != description:
-    diff = {k: (stored.get("config", {}).get(k), v) for k, v in description["config"].items()
-            if stored.get("config", {}).get(k) != v}
+    old, new = checkpoint.flatten(dict(stored)), checkpoint.flatten(description)
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)}
     raise ConfigError(
         f"{workdir} holds checkpoints of a different model (stored vs configured: {diff}). Use "
         f"another --workdir, or delete that one to start over; nothing was overwritten.")
@@ -324,8 +363,7 @@ def check_workdir_model(mngr, description: dict, workdir: str):
 
 @dataclasses.dataclass
 class ModelState:
-  """The student as the trainer holds it: graph split from a pytree state, with shardings."""
-  model_cfg: models.DeiTConfig
+  """The model as the trainer holds it: graph split from a pytree state, with shardings."""
   description: dict
   graphdef: Any  # train mode
   eval_graphdef: Any
@@ -337,31 +375,42 @@ class ModelState:
   num_params: int
 
 
+def model_constructor(config) -> Callable[[], nnx.Module]:
+  if is_cnn(config):
+    return lambda: teachers.TEACHERS[config.model](
+        config.data.num_classes, dtype=jnp.dtype(config.model_kw.dtype),
+        rngs=nnx.Rngs(config.seed))
+  cfg = models.model_config(config.model, **model_overrides(config))
+  return lambda: models.DeiT(cfg, rngs=nnx.Rngs(config.seed))
+
+
 def build_model_state(config, plan: Plan, mesh) -> ModelState:
   """`jax.eval_shape` -> shardings by the config's rules -> a jitted init with out_shardings.
-  State: params, opt_state, ema (if on), step, rng; parameter trees have string keys."""
-  model_cfg = models.model_config(config.model, **model_overrides(config))
-  abstract = nnx.eval_shape(lambda: models.DeiT(model_cfg, rngs=nnx.Rngs(config.seed)))
+  State: params, batch_stats (CNNs; empty for DeiT), opt_state, ema (params and stats, if on),
+  step, rng. Trees have string keys."""
+  make = model_constructor(config)
+  abstract = nnx.eval_shape(make)
   abstract.train()
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   abstract.eval()
-  eval_graphdef = nnx.split(abstract, nnx.Param)[0]
+  eval_graphdef = nnx.split(abstract, nnx.Param, nnx.BatchStat)[0]
   tx, schedule = make_optimizer(config, plan, str_keys(abstract_params))
 
   def init():
-    params = str_keys(nnx.state(models.DeiT(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key_data(jax.random.key(config.seed))}
+    _, params, stats = nnx.split(make(), nnx.Param, nnx.BatchStat)
+    params, stats = str_keys(params), str_keys(stats)
+    state = {"params": params, "batch_stats": stats, "opt_state": tx.init(params),
+             "step": jnp.int32(0), "rng": jax.random.key_data(jax.random.key(config.seed))}
     if config.ema_decay:
-      state["ema"] = jax.tree.map(jnp.copy, params)
+      state["ema"] = jax.tree.map(jnp.copy, persistent(state))
     return state
 
   abstract_state = jax.eval_shape(init)
   rules = [tuple(r) for r in config.sharding.rules]
-  state_sh = {k: (sharding.tree_shardings(v, mesh, rules) if k in ("params", "ema", "opt_state")
+  state_sh = {k: (sharding.tree_shardings(v, mesh, rules)
+                  if k in ("params", "batch_stats", "ema", "opt_state")
                   else sharding.replicated(mesh)) for k, v in abstract_state.items()}
-  return ModelState(model_cfg=model_cfg,
-                    description={"family": "deit", "config": dataclasses.asdict(model_cfg)},
+  return ModelState(description=checkpoint.model_description(abstract),
                     graphdef=graphdef, eval_graphdef=eval_graphdef, tx=tx, schedule=schedule,
                     abstract_state=abstract_state, state_sh=state_sh,
                     init=jax.jit(init, out_shardings=state_sh),
@@ -376,7 +425,7 @@ def jit_train_step(config, plan: Plan, model: ModelState, mesh, teacher=None):
                  out_shardings=(model.state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def init_from_checkpoint(config, model_cfg, state, state_sh):
+def init_from_checkpoint(config, state, state_sh):
   """Fine-tuning: the weights of `config.init_checkpoint` (position embeddings resized to this
   resolution; the heads dropped with `init_skip_head` for a new class count). Optimizer state
   and step start fresh; the EMA starts from the loaded weights."""
@@ -384,7 +433,7 @@ def init_from_checkpoint(config, model_cfg, state, state_sh):
   if not isinstance(source, models.DeiT):
     raise ConfigError(f"config.init_checkpoint={config.init_checkpoint} is not a DeiT checkpoint.")
   flat = checkpoint.model_params(source)
-  target = models.DeiT(model_cfg, rngs=nnx.Rngs(config.seed))
+  target = model_constructor(config)()
   if config.init_skip_head:
     fresh = checkpoint.model_params(target)
     flat = {k: (fresh[k] if k.split("/")[0] in ("head", "head_dist") else v)
@@ -400,6 +449,20 @@ def init_from_checkpoint(config, model_cfg, state, state_sh):
   if "ema" in state:
     state["ema"] = jax.device_put(params, state_sh["ema"])
   return state
+
+
+def open_precomputed_store(config, plan: Plan):
+  """The stored teacher outputs for this run, refused if they were made for another stream."""
+  from deit_jax import precompute
+  sha = None
+  if config.teacher.checkpoint:  # verify the store was made by this teacher
+    teacher = checkpoint.load_model(config.teacher.checkpoint)
+    sha = distill.weights_checksum(checkpoint.flatten(nnx.to_pure_dict(nnx.state(teacher))))
+  expected = precompute.expected_fingerprint(config, plan, sha)
+  try:
+    return distill.PrecomputedTeacher(config.teacher.precomputed_dir, expected, plan.total_steps)
+  except distill.TeacherError as e:
+    raise ConfigError(str(e)) from e
 
 
 # ==============================================================================================
@@ -429,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- Model and sharded state -----------------------------------------------------------------
   model = build_model_state(config, plan, mesh)
-  model_cfg, description = model.model_cfg, model.description
+  description = model.description
   state_sh, abstract_state = model.state_sh, model.abstract_state
 
   # --- Checkpoints: resume or start ---------------------------------------------------------
@@ -443,21 +506,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.distillation.kind != "none" and config.teacher.source == "model":
     teacher = distill.load(config, mesh, rules, plan.num_classes, workdir)
     teacher_params = teacher.params
+  store = None
+  if config.distillation.kind != "none" and config.teacher.source == "precomputed":
+    store = open_precomputed_store(config, plan)
   start = last_mngr.latest_step()
   if start is None:
     state = model.init()
     if config.init_checkpoint:
-      state = init_from_checkpoint(config, model_cfg, state, state_sh)
+      state = init_from_checkpoint(config, state, state_sh)
     start = 0
   else:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sh)
-    restored = last_mngr.restore(start, args=ocp.args.Composite(**{
-        checkpoint.PARAMS_ITEM: ocp.args.StandardRestore(target["params"]),
-        checkpoint.EMA_ITEM: ocp.args.StandardRestore(target.get("ema", {})),
-        TRAIN_STATE_ITEM: ocp.args.StandardRestore(
-            {k: target[k] for k in ("opt_state", "step", "rng")})}))
-    state = {"params": restored[checkpoint.PARAMS_ITEM], **restored[TRAIN_STATE_ITEM]}
+    items = {checkpoint.PARAMS_ITEM: ocp.args.StandardRestore(persistent(target)),
+             TRAIN_STATE_ITEM: ocp.args.StandardRestore(
+                 {k: target[k] for k in ("opt_state", "step", "rng")})}
+    if "ema" in target:
+      items[checkpoint.EMA_ITEM] = ocp.args.StandardRestore(target["ema"])
+    restored = last_mngr.restore(start, args=ocp.args.Composite(**items))
+    stored = checkpoint.flatten(restored[checkpoint.PARAMS_ITEM])
+    state = {part: checkpoint.unflatten({k: stored[k] for k in checkpoint.flatten(target[part])})
+             for part in ("params", "batch_stats")}
+    state.update(restored[TRAIN_STATE_ITEM])
     if config.ema_decay:
       state["ema"] = restored[checkpoint.EMA_ITEM]
     log(f"Resumed from {workdir} at step {start}.")
@@ -470,8 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_step = jax.jit(evaluation.make_eval_step(model.eval_graphdef))
 
   def evaluate(state) -> dict[str, float]:
-    return evaluation.evaluate(eval_step, state["params"], state.get("ema"), eval_source, config,
-                               batch_sh)
+    return evaluation.evaluate(eval_step, persistent(state), state.get("ema"), eval_source,
+                               config, batch_sh)
 
   # --- Loop ----------------------------------------------------------------------------------
   preempted = {"flag": False}
@@ -525,6 +595,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     for step in range(start, plan.total_steps):
       batch = data.to_global(next(it), batch_sh)
+      if store is not None:
+        rows = plan.global_batch // jax.process_count()
+        first = jax.process_index() * rows
+        batch.update(data.to_global(store.rows(step, first, first + rows), batch_sh))
       batch.pop("step", None)
       batch.pop("index", None)
       state, metrics = train_step(state, batch, teacher_params)

@@ -1,0 +1,145 @@
+"""Distillation in the train step: the teacher in the step, precomputed teacher outputs, and the
+teacher bad inputs."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deit_jax import checkpoint, convert, distill, precompute, sharding, teachers, train
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_config  # noqa: E402
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def tiny_teacher(num_classes=10):
+  cfg = teachers.RegNetCfg(depth=6, w0=8, wa=8.0, wm=2.0, group_size=4, se_ratio=0.25,
+                           stem_width=8)
+  return teachers.RegNet(cfg, num_classes, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("teacher") / "ckpt")
+  checkpoint.save_model(tiny_teacher(), path)
+  return path
+
+
+def cfg(teacher_dir, kind, **overrides):
+  c = tiny_config.get_config()
+  c.distillation.kind = kind
+  c.teacher.checkpoint = teacher_dir
+  c.total_steps = 4
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _losses(workdir):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [(l["step"], l["train/loss"], l["train/distill_loss"]) for l in lines
+          if "train/loss" in l]
+
+
+@pytest.mark.parametrize("kind,top_k,dtype", [("hard", 10, "float16"), ("soft", 10, "float32")])
+def test_precomputed_teacher_gives_the_in_step_losses(teacher_dir, tmp_path, kind, top_k, dtype):
+  overrides = {"teacher.top_k": top_k, "teacher.store_dtype": dtype,
+               "teacher.precomputed_dir": str(tmp_path / "store"), "distillation.tau": 2.0}
+  in_step = str(tmp_path / "in_step")
+  train.train_and_evaluate(cfg(teacher_dir, kind, **overrides), in_step)
+  info = precompute.precompute_teacher(cfg(teacher_dir, kind, **overrides), str(tmp_path / "pre"))
+  assert info["num_steps"] == 89  # one epoch of 1,437 digits at batch 16
+  stored = str(tmp_path / "stored")
+  train.train_and_evaluate(cfg(teacher_dir, kind, **overrides, **{"teacher.source": "precomputed"}),
+                           stored)
+  a, b = _losses(in_step), _losses(stored)
+  assert [s for s, _, _ in a] == [2, 4] and all(d > 0 for _, _, d in a)
+  np.testing.assert_allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], rtol=1e-6)
+  # The run records its teacher; the teacher's weights never enter the student's checkpoint.
+  record = json.load(open(os.path.join(in_step, "teacher.json")))
+  assert record["checkpoint"] == os.path.abspath(teacher_dir) and len(record["sha256"]) == 64
+  student = checkpoint.model_params(checkpoint.load_model(os.path.join(in_step, "checkpoints")))
+  assert not any(k.startswith(("stem", "stages", "s1")) for k in student)
+
+
+def test_precomputed_store_refuses_another_stream(teacher_dir, tmp_path):
+  overrides = {"teacher.precomputed_dir": str(tmp_path / "store")}
+  precompute.precompute_teacher(cfg(teacher_dir, "hard", **overrides), str(tmp_path / "pre"))
+  run = cfg(teacher_dir, "hard", **overrides, **{"teacher.source": "precomputed", "seed": 7,
+                                                  "aug.reprob": 0.5})
+  with pytest.raises(train.ConfigError) as e:
+    train.train_and_evaluate(run, str(tmp_path / "run"))
+  assert "seed: stored 0, this run 7" in str(e.value) and "aug/reprob" in str(e.value)
+  other_teacher = str(tmp_path / "other")
+  m = tiny_teacher()
+  checkpoint.assign_params(m, {k: v + 1 for k, v in checkpoint.model_params(m).items()})
+  checkpoint.save_model(m, other_teacher)
+  run = cfg(other_teacher, "hard", **overrides, **{"teacher.source": "precomputed"})
+  with pytest.raises(train.ConfigError, match="teacher/sha256"):
+    train.train_and_evaluate(run, str(tmp_path / "run2"))
+  run = cfg(teacher_dir, "soft", **overrides, **{"teacher.source": "precomputed"})
+  with pytest.raises(train.ConfigError, match="kind: stored 'hard', this run 'soft'"):
+    train.train_and_evaluate(run, str(tmp_path / "run3"))
+
+
+def test_teacher_resizes_and_renormalizes_inside_the_step():
+  model = tiny_teacher()
+  model.eval()
+  mesh = sharding.make_mesh(1)
+  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  t = distill.Teacher(model, student_img_size=16, student_mean=(0.485, 0.456, 0.406),
+                      student_std=(0.229, 0.224, 0.225), img_size=24, mean=mean, std=std,
+                      mesh=mesh, rules=[(".*", "replicate")])
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  pixels = x * jnp.array([0.229, 0.224, 0.225]) + jnp.array([0.485, 0.456, 0.406])
+  want = model(jax.image.resize((pixels - 0.5) / 0.25, (2, 24, 24, 3), "bicubic",
+                                antialias=False))
+  np.testing.assert_allclose(jax.jit(t.logits)(t.params, x), want, atol=1e-4)
+  grad = jax.grad(lambda p: t.logits(p, x).sum())(t.params)
+  assert all(np.all(g == 0) for g in jax.tree.leaves(grad))  # frozen
+
+
+def test_teacher_with_another_class_count_is_refused(tmp_path):
+  path = str(tmp_path / "t5")
+  checkpoint.save_model(tiny_teacher(num_classes=5), path)
+  with pytest.raises(distill.TeacherError, match="predicts 5 classes but the student has 10"):
+    train.train_and_evaluate(cfg(path, "hard"), str(tmp_path / "run"))
+
+
+def test_missing_or_unreadable_teacher(tmp_path):
+  with pytest.raises(train.ConfigError, match="needs a teacher"):
+    train.validate_config(cfg("", "hard"), 8)
+  with pytest.raises(train.ConfigError, match="not a directory"):
+    train.validate_config(cfg(str(tmp_path / "nowhere"), "soft"), 8)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(distill.TeacherError, match="no Orbax checkpoint"):
+    train.train_and_evaluate(cfg(str(tmp_path / "empty"), "hard"), str(tmp_path / "run"))
+
+
+def test_teacher_weights_for_another_architecture(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="missing|unexpected|shape"):
+    convert.convert("regnety_002", os.path.join(FIX, "teacher_resnet_basic_tiny.safetensors"),
+                    str(tmp_path / "out"), num_classes=10)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_cnn_teacher_trains_with_the_launcher(tmp_path):
+  c = tiny_config.get_config()
+  c.model = "resnet18"
+  c.model_kw = {"dtype": "float32"}
+  c.mixup.prob = 0.0
+  c.total_steps = 2
+  c.ema_decay = 0.0
+  workdir = str(tmp_path / "cnn")
+  result = train.train_and_evaluate(c, workdir)
+  assert result["step"] == 2 and 0 <= result["eval/top1"] <= 100
+  model = checkpoint.load_model(os.path.join(workdir, "checkpoints"))
+  assert isinstance(model, teachers.ResNet)
+  # BatchNorm statistics moved during training and were saved with the weights.
+  stats = checkpoint.model_params(model, nnx.BatchStat)
+  assert stats and any(np.abs(v).sum() > 0 for k, v in stats.items() if k.endswith("mean"))
