@@ -13,7 +13,7 @@ every host. Only process 0 writes logs.
 import os
 import re
 
-# TensorFlow (tf.data only) is chatty at import and must not take GPU memory from JAX.
+# TensorFlow (used for tf.data only) is chatty at import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
@@ -41,9 +41,9 @@ def _cluster_detected() -> bool:
 
 
 def _default_workdir() -> str:
-  path = flags.FLAGS["config"].config_filename
+  """workdirs/<config file name>[_<config argument>], e.g. workdirs/demo_distill_hard."""
+  path, _, arg = flags.FLAGS["config"].config_filename.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
-  arg = flags.FLAGS["config"].value and getattr(flags.FLAGS["config"], "_config_arg", None)
   return os.path.join("workdirs", name + (f"_{re.sub(r'[^A-Za-z0-9]+', '_', arg)}" if arg else ""))
 
 

@@ -1,7 +1,7 @@
-r"""deit_base_distilled_patch16_224 on ImageNet with the official DeiT recipe.
-
-  python launch.py --config configs/deit_base_distilled_patch16_224.py \
+r"""python launch.py --config configs/deit_base_distilled_patch16_224.py \
     --config.teacher.checkpoint=ckpt/regnety_160
+
+deit_base_distilled_patch16_224 on ImageNet with the official DeiT recipe.
 """
 from deit_jax import config
 

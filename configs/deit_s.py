@@ -1,6 +1,7 @@
-r"""DeiT-S at 224 on ImageNet, official recipe; ':distilled' for the distilled twin.
+r"""python launch.py --config configs/deit_s.py
 
-  python launch.py --config configs/deit_s.py
+DeiT-S at 224 on ImageNet, official recipe. The distilled twin:
+
   python launch.py --config configs/deit_s.py:distilled --config.teacher.checkpoint=ckpt/regnety_160
 """
 from deit_jax import config

@@ -1,6 +1,6 @@
-r"""deit_small_patch16_224 on ImageNet with the official DeiT recipe.
+r"""python launch.py --config configs/deit_small_patch16_224.py
 
-  python launch.py --config configs/deit_small_patch16_224.py
+deit_small_patch16_224 on ImageNet with the official DeiT recipe.
 """
 from deit_jax import config
 

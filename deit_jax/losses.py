@@ -22,12 +22,6 @@ KINDS = ("none", "soft", "hard")
 REDUCTIONS = ("official", "batchmean")
 
 
-def one_hot_smoothed(labels, num_classes: int, smoothing: float = 0.0):
-  """timm's smoothed one-hot: 1 - s + s/C on the label, s/C elsewhere."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
-
-
 def cross_entropy(logits, targets, *, label_smoothing: float = 0.0):
   """Mean cross-entropy. Integer targets: timm's LabelSmoothingCrossEntropy (the official loss
   without mixup). Probability targets (mixup/cutmix, already smoothed): SoftTargetCrossEntropy."""

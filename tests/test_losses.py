@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deit_jax import losses
+from deit_jax import losses, mixup
 
 rng = np.random.RandomState(0)
 B, C = 4, 5
@@ -26,7 +26,7 @@ def test_label_smoothing_ce_matches_timm_formula():
   np.testing.assert_allclose(losses.cross_entropy(CLS, LABELS, label_smoothing=0.1), want,
                              rtol=1e-6)
   # Equivalent to soft-target CE on the smoothed one-hot (what mixup targets fold in).
-  soft = losses.one_hot_smoothed(LABELS, C, 0.1)
+  soft = mixup.one_hot_smoothed(LABELS, C, 0.1)
   np.testing.assert_allclose(losses.cross_entropy(CLS, soft), want, rtol=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_none_gives_no_gradient_to_the_distillation_head_nor_the_teacher():
 
 
 def test_mixed_targets():
-  t = losses.one_hot_smoothed(LABELS, C, 0.1) * 0.7 + losses.one_hot_smoothed(
+  t = mixup.one_hot_smoothed(LABELS, C, 0.1) * 0.7 + mixup.one_hot_smoothed(
       LABELS[::-1], C, 0.1) * 0.3
   want = np.mean(np.sum(-np.asarray(t) * log_softmax(CLS), -1))
   np.testing.assert_allclose(losses.cross_entropy(CLS, t), want, rtol=1e-6)

@@ -225,3 +225,24 @@ def test_two_processes_train_like_one(tmp_path):
   a, b = _final_params(multi), _final_params(single)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+def test_eval_mode_reproduces_the_run_and_reads_converted_weights(full_run, tmp_path):
+  from deit_jax import run
+  workdir, result = full_run
+  again = run.run_eval(cfg(), workdir)
+  for head in ("cls", "dist", "both", "ema"):
+    assert again[f"eval/{head}_top1"] == pytest.approx(result[f"eval/{head}_top1"])
+  assert json.load(open(os.path.join(workdir, "eval.json")))["eval/count"] == 360
+  # A converted-style checkpoint (no EMA): every head but the EMA.
+  ckpt = str(tmp_path / "converted")
+  checkpoint.save_model(checkpoint.load_model(os.path.join(workdir, "checkpoints")), ckpt)
+  res = run.run_eval(cfg(), str(tmp_path / "w"), ckpt)
+  assert res["eval/both_top1"] == pytest.approx(result["eval/both_top1"])
+  assert "eval/ema_top1" not in res
+
+
+def test_benchmark_mode():
+  from deit_jax import run
+  res = run.run_benchmark(cfg(), warmup=1, iters=1)
+  assert res["train_img_per_s"] > 0 and res["inference_img_per_s"] > 0 and res["devices"] == 8
