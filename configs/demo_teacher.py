@@ -1,24 +1,20 @@
 r"""python launch.py --config configs/demo_teacher.py
 
 Trains the demo's CNN teacher, a RegNetY-200MF (timm's regnety_002, the same RegNetY code as
-the official RegNetY-16GF teacher), on the digits data at 32 px; its checkpoints in
+the official RegNetY-16GF teacher), on the demo's digits at 32 px; its checkpoints in
 workdirs/demo_teacher/checkpoints are what configs/demo_distill.py distils from.
 """
-from deit_jax import config as base
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo  # noqa: E402
 
 
 def get_config():
-  c = base.base_config()
+  c = demo.get_config()  # same data and input size as the student
   c.model = "regnety_002"
-  c.data.source = "digits"
-  c.data.eval_split = "test"
-  c.data.num_classes = 10
-  c.data.image_size = 32
-  c.aug.input_size = 32
-  c.aug.crop_pct = 1.0
-  c.aug.scale = (0.35, 1.0)
-  c.aug.hflip = 0.0  # digits are not mirror-symmetric
-  c.aug.auto_augment = "rand-m5-mstd0.5-inc1"
+  c.model_kw = {"dtype": "float32"}
   c.aug.reprob = 0.0
   c.aug.num_repeats = 1
   c.mixup.prob = 0.0

@@ -1,23 +1,27 @@
 r"""python launch.py --config tests/tiny_config.py
 
-A very small DeiT on the digits data, for tests: 2 blocks, 16 px, a handful of steps.
+The demo (configs/demo.py) shrunk for tests: 2 blocks, 16 px, batch 16, 6 steps.
 """
-from deit_jax import config as base
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+import demo  # noqa: E402
 
 
 def get_config():
-  c = base.base_config()
-  c.model = "deit_tiny_distilled_patch16_224"
-  c.model_kw.update(patch_size=8, embed_dim=48, num_heads=3, depth=2)
-  c.data.source = "digits"
-  c.data.eval_split = "test"
-  c.data.num_classes = 10
+  c = demo.get_config()
+  c.model_kw.update(patch_size=8, embed_dim=48, num_heads=3, depth=2, drop_path_rate=0.1)
+  c.aug.auto_augment = "rand-m9-mstd0.5-inc1"
+  c.aug.reprob = 0.25
+  c.mixup.prob = 1.0
   c.data.image_size = 16
   c.aug.input_size = 16
-  c.aug.crop_pct = 1.0
   c.batch_size = 16
   c.eval_batch_size = 128
   c.total_steps = 6
+  c.optimizer.lr = 5e-4
+  c.optimizer.lr_base_batch = 512
   c.optimizer.warmup_epochs = 0.05
   c.ema_decay = 0.9
   c.log_every_steps = 2
