@@ -611,6 +611,120 @@ def rand_augment(image, seed, spec, fill=(128, 128, 128), interpolation="bicubic
 
 
 # ------------------------------------------------------------------------------------------
+# Resize: PIL's `Image.resize` (convolution with a support scaled by the downscale factor).
+# ------------------------------------------------------------------------------------------
+
+
+def _bicubic_filter(x):
+  """PIL's bicubic kernel (a = -0.5), in float64 like PIL."""
+  a = -0.5
+  x = tf.abs(x)
+  return tf.where(x < 1., ((a + 2.) * x - (a + 3.)) * x * x + 1.,
+                  tf.where(x < 2., (((x - 5.) * x + 8.) * x - 4.) * a, 0.))
+
+
+def _bilinear_filter(x):
+  return tf.maximum(1. - tf.abs(x), 0.)
+
+
+# interpolation -> (support at scale 1, kernel), as PIL's Resample.c.
+_RESIZE_FILTERS = {"bicubic": (2., _bicubic_filter), "bilinear": (1., _bilinear_filter)}
+# Outputs per weight block: each block of outputs reads one contiguous window of inputs, so a
+# resize pass is one batched matmul of [blocks, _RESIZE_BLOCK, window] weights.
+_RESIZE_BLOCK = 16
+# The transposed pass runs on rows padded to a multiple of this, so the matmul shapes repeat
+# from image to image (oneDNN caches one kernel per shape).
+_RESIZE_ROW_ALIGN = 16
+
+
+def _resize_weights(in_sizes, out_sizes, starts, counts, flip, interpolation):
+  """PIL's resampling weights for both axes at once, grouped in blocks of outputs.
+
+  For axis a, outputs starts[a] + j (j < counts[a]) of a resize from in_sizes[a] to out_sizes[a]
+  (in reverse order when flip[a]). PIL (precompute_coeffs + normalize_coeffs_8bpc): output o
+  reads inputs [xmin, xmax) around center = (o + 0.5) * scale with weights
+  kernel((x - center + 0.5) / max(scale, 1)), normalized to sum 1, then rounded to 22-bit
+  fixed point; we keep those fixed-point values (exact in float32).
+
+  Returns float32 weights [2, blocks, _RESIZE_BLOCK, window] and int32 input rows
+  [2, blocks, window] (block b's contiguous window, clamped inside the input).
+  """
+  support, kernel = _RESIZE_FILTERS[interpolation]
+  block = _RESIZE_BLOCK
+  counts = tf.cast(counts, tf.int32)[:, None]
+  num_blocks = (tf.reduce_max(counts) + block - 1) // block
+  in_sizes = tf.cast(in_sizes, tf.int32)[:, None]
+  scale = tf.cast(in_sizes, tf.float64) / tf.cast(out_sizes, tf.float64)[:, None]
+  filterscale = tf.maximum(scale, 1.)
+  support = support * filterscale
+  j = tf.range(num_blocks * block)[None, :]
+  out = tf.cast(starts, tf.int32)[:, None] + tf.where(flip[:, None], counts - 1 - j, j)
+  center = (tf.cast(out, tf.float64) + 0.5) * scale  # [2, n]
+  # PIL rounds the bounds with a C cast (truncation toward zero), then clips.
+  xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
+  xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_sizes)
+  shape = tf.stack([2, num_blocks, block, 1])
+  xmin, xmax, center = (tf.reshape(v, shape) for v in (xmin, xmax, center))
+  # Outputs past `counts` (padding of the last block) may be empty (xmin >= xmax): they get
+  # zero weights and are sliced off by the caller.
+  lo = tf.reduce_min(xmin, axis=2, keepdims=True)  # [2, blocks, 1, 1]
+  window = tf.maximum(tf.reduce_max(tf.reduce_max(xmax, axis=2, keepdims=True) - lo), 1)
+  first = tf.maximum(tf.minimum(lo, in_sizes[:, :, None, None] - window), 0)
+  x = first + tf.range(window)  # [2, blocks, 1, window]
+  taps = (tf.cast(x, tf.float64) - center + 0.5) * (1. / filterscale)[:, :, None, None]
+  weights = tf.where((x >= xmin) & (x < xmax), kernel(taps), 0.)
+  weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=3, keepdims=True))
+  # PIL's 8-bit path rounds each weight to a multiple of 2^-22, half away from zero.
+  fixed = tf.sign(weights) * tf.floor(tf.abs(weights) * 2.**22 + 0.5) * 2.**-22
+  rows = tf.minimum(x[:, :, 0], in_sizes[:, :, None] - 1)  # [2, blocks, window]
+  return tf.cast(fixed, tf.float32), rows
+
+
+def _resize_pass(rows, weights, input_rows, count):
+  """One separable pass over the rows of `rows` [n, m] (uint8): [count, m] uint8."""
+  gathered = tf.gather(tf.cast(rows, tf.float32), input_rows)  # [blocks, window, m]
+  out = tf.reshape(tf.matmul(weights, gathered), [-1, tf.shape(rows)[1]])[:count]
+  # PIL's fixed-point store rounds half up and clips.
+  return tf.cast(tf.clip_by_value(out + 0.5, 0., 255.), tf.uint8)
+
+
+def resize(image, size, interpolation="bicubic", window=None, flip=False):
+  """PIL `Image.resize((size[1], size[0]), BICUBIC | BILINEAR)` of a uint8 [h, w, 3] image.
+
+  The antialiased resize PIL (and so torchvision and timm) runs: horizontal pass, rounded to
+  uint8, then vertical pass, each output a normalized kernel over inputs within
+  support * max(scale, 1). Each pass is a batched matmul over blocks of outputs.
+
+  window: (top, left, height, width) of the resized image to compute (a center crop, say):
+    only those outputs are computed, the same values as cropping the full resize.
+  flip: mirror the result left-right (the same as flipping after the resize, at no cost).
+
+  Matches PIL's fixed-point result except for a rare +-1 where float32 accumulation and
+  PIL's integer sum round a value sitting on a half level differently (~1e-4 of values).
+  """
+  image = tf.convert_to_tensor(image)
+  size = tf.cast(size, tf.int32)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  if window is None:
+    top, left, out_h, out_w = 0, 0, size[0], size[1]
+  else:
+    top, left, out_h, out_w = window
+  weights, input_rows = _resize_weights(
+      tf.stack([w, h]), tf.stack([size[1], size[0]]), tf.stack([left, top]),
+      tf.stack([out_w, out_h]),
+      tf.stack([tf.convert_to_tensor(flip), False]), interpolation)
+  # Horizontal pass on the transposed image: [x, (c, y)] rows, so it is a row resample.
+  padded_h = (h + _RESIZE_ROW_ALIGN - 1) // _RESIZE_ROW_ALIGN * _RESIZE_ROW_ALIGN
+  rows = tf.gather(image, tf.minimum(tf.range(padded_h), h - 1))  # extra rows never read
+  columns = tf.reshape(tf.transpose(tf.reshape(rows, [padded_h, 3 * w])), [w, 3 * padded_h])
+  columns = _resize_pass(columns, weights[0], input_rows[0], out_w)  # [x', (c, y)]
+  # Vertical pass on [y, (x', c)] rows.
+  rows = tf.transpose(tf.reshape(columns, [3 * out_w, padded_h]))
+  rows = _resize_pass(rows, weights[1], input_rows[1], out_h)
+  return tf.reshape(rows, [out_h, out_w, 3])
+
+
+# ------------------------------------------------------------------------------------------
 # RandomResizedCrop, flip, color jitter, ThreeAugment, normalize, RandomErasing, eval.
 # ------------------------------------------------------------------------------------------
 
@@ -655,34 +769,24 @@ def sample_crop_box(seed, height, width, scale=(0.08, 1.0), ratio=(3. / 4., 4. /
   return top, left, crop_h, crop_w
 
 
-def _resize(image, size, interpolation):
-  """PIL-like resize of uint8 [h, w, 3] to `size` (h, w): antialiased, rounded to uint8.
-
-  `ScaleAndTranslate` is what `tf.image.resize(antialias=True)` runs; fed uint8 directly it
-  skips a float copy of the whole crop.
-  """
-  size = tf.convert_to_tensor(size, tf.int32)
-  in_size = tf.cast(tf.shape(image)[:2], tf.float32)
-  resized = tf.raw_ops.ScaleAndTranslate(
-      images=image[None], size=size, scale=tf.cast(size, tf.float32) / in_size,
-      translation=tf.zeros([2]), kernel_type="keyscubic" if interpolation == "bicubic"
-      else "triangle", antialias=True)[0]
-  return _round_to_uint8(resized)
-
-
 def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3. / 4., 4. / 3.),
                         interpolation="bicubic"):
   """Crop a `sample_crop_box` box and resize only that crop to size x size (uint8)."""
   shape = tf.shape(image)
   top, left, crop_h, crop_w = sample_crop_box(seed, shape[0], shape[1], scale, ratio)
   crop = tf.slice(image, [top, left, 0], [crop_h, crop_w, 3])
-  return _resize(crop, [size, size], interpolation)
+  return resize(crop, [size, size], interpolation)
+
+
+def _flip_draw(seed, prob):
+  return tf.random.stateless_uniform([], seed) < prob
 
 
 def random_horizontal_flip(image, seed, prob=0.5):
+  """Mirror left-right with probability `prob` (the train transform folds this draw into the
+  resize instead, see `resize(flip=...)`)."""
   image = tf.convert_to_tensor(image)
-  flip = tf.random.stateless_uniform([], seed) < prob
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return tf.cond(_flip_draw(seed, prob), lambda: tf.reverse(image, axis=[1]), lambda: image)
 
 
 def color_jitter(image, seed, strength):
@@ -913,8 +1017,9 @@ def _train_transform_from_crop(crop, seed, cfg):
   size = int(cfg.input_size)
   mean, std = tuple(cfg.mean), tuple(cfg.std)
   norm = functools.partial(normalize, mean=mean, std=std)
-  image = _resize(crop, [size, size], cfg.interpolation)
-  image = random_horizontal_flip(image, stage(_STAGE_FLIP), cfg.hflip)
+  # The flip is folded into the resize (mirrored output order), which costs nothing.
+  image = resize(crop, [size, size], cfg.interpolation,
+                 flip=_flip_draw(stage(_STAGE_FLIP), cfg.hflip))
   jitter = cfg.color_jitter is not None and cfg.color_jitter > 0
   if cfg.three_augment:
     # Official DeiT III replaces the whole timm transform: no RandAugment, no erasing.
@@ -954,9 +1059,10 @@ def eval_transform(image, cfg):
   new_long = tf.cast(resize_to * long // short, tf.int32)
   new_h = tf.where(h <= w, resize_to, new_long)
   new_w = tf.where(h <= w, new_long, resize_to)
-  resized = _resize(image, tf.stack([new_h, new_w]), cfg.interpolation)
-  # torchvision CenterCrop: offset int(round((n - size) / 2)), round half to even.
+  # torchvision CenterCrop: offset int(round((n - size) / 2)), round half to even. Only the
+  # cropped part of the resized image is computed.
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.), tf.int32)
-  cropped = tf.slice(resized, [top, left, 0], [size, size, 3])
+  cropped = resize(image, tf.stack([new_h, new_w]), cfg.interpolation,
+                   window=(top, left, size, size))
   return normalize(cropped, tuple(cfg.mean), tuple(cfg.std))
