@@ -246,3 +246,19 @@ def test_benchmark_mode():
   from deit_jax import run
   res = run.run_benchmark(cfg(), warmup=1, iters=1)
   assert res["train_img_per_s"] > 0 and res["inference_img_per_s"] > 0 and res["devices"] == 8
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  import signal
+  workdir = str(tmp_path / "preempted")
+  p = _launch(["--workdir", workdir, "--config.total_steps=100000", "--config.log_every_steps=1",
+               "--config.checkpoint_every_steps=100000"], 1)
+  for line in p.stdout:  # wait until training runs
+    if line.startswith("step 3/"):
+      break
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, out[-3000:]
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3
+  assert f"SIGTERM: saving step {saved[0]} and exiting." in out
