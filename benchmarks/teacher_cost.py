@@ -13,8 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from deit_jax import config as base, distill, sharding, teachers, train
 

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from deit_jax import checkpoint, data, distill, evaluation, losses, mixup, models, sharding
@@ -465,6 +464,16 @@ def open_precomputed_store(config, plan: Plan):
     raise ConfigError(str(e)) from e
 
 
+def stop_requested(local_flag: bool, step: int, every: int) -> bool:
+  """A SIGTERM may reach only some hosts: they agree (at log steps) so all save and stop at the
+  same step; a single process reacts at once."""
+  if jax.process_count() == 1:
+    return local_flag
+  if step % every:
+    return False
+  return bool(np.max(multihost_utils.process_allgather(np.int32(local_flag))))
+
+
 # ==============================================================================================
 # The run.
 # ==============================================================================================
@@ -479,7 +488,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   num_devices = jax.device_count()
   validate_config(config, num_devices)
   mesh = sharding.make_mesh(num_devices)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
   rules = [tuple(r) for r in config.sharding.rules]
 
   # --- Input ---------------------------------------------------------------------------------
@@ -629,7 +638,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               json.dump({"metric": config.best_metric, **best}, f)
       if done % config.checkpoint_every_steps == 0 or done == plan.total_steps:
         save(done)
-      if preempted["flag"] or (max_steps is not None and done - start >= max_steps):
+      if stop_requested(preempted["flag"], done, config.log_every_steps) or (
+          max_steps is not None and done - start >= max_steps):
         log(f"{'SIGTERM' if preempted['flag'] else 'max_steps'}: saving step {done} and exiting.")
         if last_saved != done:
           save(done)

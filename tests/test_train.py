@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from deit_jax import checkpoint, data, sharding, train
