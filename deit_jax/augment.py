@@ -272,118 +272,167 @@ def _as_float64(x):
   return tf.cast(x, tf.float64)
 
 
-def _interpolate(taps, frac, interpolation):
-  """PIL's 1-D interpolation of the list of tap planes `taps` at fraction `frac` (all
-  [H, W]), in its exact arithmetic form (Geometry.c): the transform bicubic is the a = -1
-  cubic convolution written as a polynomial in `frac`; bilinear is a lerp."""
+def _mul(a, b, zero):
+  """`a * b` rounded to float64 before it meets an add, as PIL's C code rounds it.
+
+  XLA's CPU backend turns a multiply feeding an add into one FMA, which skips the product's
+  rounding and can move a result that sits on an integer across PIL's truncation. `zero` is
+  a 0.0 that XLA cannot fold away: a * b + zero is at most an FMA with a zero addend, which is
+  exactly the rounded product.
+  """
+  return a * b + zero
+
+
+def _interpolate(taps, frac, interpolation, zero):
+  """PIL's 1-D interpolation of the list of tap planes `taps` at fraction `frac`, in its exact
+  arithmetic form (Geometry.c): the transform bicubic is the a = -1 cubic convolution
+  written as a polynomial in `frac`; bilinear is a lerp."""
   if interpolation == "bicubic":
     v1, v2, v3, v4 = taps
     p2 = -v1 + v3
     p3 = 2. * (v1 - v2) + v3 - v4
     p4 = -v1 + v2 - v3 + v4
-    return v2 + frac * (p2 + frac * (p3 + frac * p4))
+    return v2 + _mul(frac, p2 + _mul(frac, p3 + _mul(frac, p4, zero), zero), zero)
   a, b = taps
-  return a + (b - a) * frac
+  return a + _mul(b - a, frac, zero)
 
 
 def _tap_offsets(interpolation):
   return (-1, 0, 1, 2) if interpolation == "bicubic" else (0, 1)
 
 
-def _pack_rgb(image):
-  """uint8 [H, W, 3] -> int32 [H * W] holding r | g << 8 | b << 16 (one gather per tap)."""
-  x = tf.cast(tf.reshape(image, [-1, 3]), tf.int32)
-  return x[:, 0] + tf.bitwise.left_shift(x[:, 1], 8) + tf.bitwise.left_shift(x[:, 2], 16)
+def _taps(coordinate, size, interpolation):
+  """Edge-clamped tap indices (int32) and fraction of a PIL sampling coordinate."""
+  pos = coordinate - 0.5
+  start = tf.floor(pos)
+  first = tf.cast(start, tf.int32)
+  return ([tf.clip_by_value(first + o, 0, size - 1) for o in _tap_offsets(interpolation)],
+          (pos - start)[..., None])
 
 
-def _warp(image, xin, yin, fill, interpolation):
-  """PIL `Image.transform`: output pixel (x, y) samples the source at (xin, yin) [H, W].
+def _warp(image, xin, yin, fill, interpolation, zero):
+  """PIL `Image.transform`: output pixel (x, y) samples the source at (xin, yin).
 
   PIL samples at the pixel-centre coordinate (xin - 0.5, yin - 0.5) with edge-clamped taps,
   interpolates each tap row along x, then the rows along y, in double, truncates, and fills
-  outputs whose (xin, yin) falls outside [0, W) x [0, H). `yin=None` keeps every output on
-  its own row (ShearX, TranslateX: no vertical interpolation).
-
-  Layout matters for speed (this runs under XLA): one gather of a packed RGB int32 per tap,
-  and every intermediate is an [H, W] plane, so the math vectorises along W.
+  outputs whose (xin, yin) falls outside [0, W) x [0, H). A None coordinate is the output's
+  own pixel centre (PIL then interpolates at fraction 0, which returns the tap exactly);
+  xin [1, W] (yin [H, 1]) is the same for every row (column), so whole columns (rows) are
+  gathered at once.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  packed = _pack_rgb(image)
-  offsets = _tap_offsets(interpolation)
-  pos_x = xin - 0.5
-  start_x = tf.floor(pos_x)
-  cols = [tf.clip_by_value(tf.cast(start_x, tf.int32) + o, 0, w - 1) for o in offsets]
-  inside = (xin >= 0.) & (xin < tf.cast(w, tf.float64))
-  if yin is None:
-    rows = [tf.range(h)[:, None] * w]
-  else:
-    pos_y = yin - 0.5
-    start_y = tf.floor(pos_y)
-    rows = [tf.clip_by_value(tf.cast(start_y, tf.int32) + o, 0, h - 1) * w for o in offsets]
+  pixels = tf.cast(image, tf.float64)
+  inside = tf.ones([h, w], tf.bool)
+  if xin is not None:
+    inside &= (xin >= 0.) & (xin < tf.cast(w, tf.float64))
+    cols, frac_x = _taps(xin, w, interpolation)
+  if yin is not None:
     inside &= (yin >= 0.) & (yin < tf.cast(h, tf.float64))
-  gathered = [[tf.gather(packed, row + col) for col in cols] for row in rows]
-  channels = []
-  for shift in (0, 8, 16):
-    def unpack(g, shift=shift):
-      return tf.cast(tf.bitwise.bitwise_and(tf.bitwise.right_shift(g, shift), 255), tf.float64)
-    along_x = [_interpolate([unpack(g) for g in row], pos_x - start_x, interpolation)
-               for row in gathered]
-    channels.append(along_x[0] if yin is None else
-                    _interpolate(along_x, pos_y - start_y, interpolation))
-  value = tf.stack(channels, axis=-1)
+    rows, frac_y = _taps(yin, h, interpolation)
+  if yin is None and xin.shape[0] == 1:
+    taps = [[tf.gather(pixels, col[0], axis=1) for col in cols]]
+  elif xin is None and yin.shape[1] == 1:
+    taps = [[tf.gather(pixels, row[:, 0])] for row in rows]
+  else:
+    # Per-pixel taps: gather [H, W] indices from the [H * W, 3] pixel list.
+    flat = tf.reshape(pixels, [-1, 3])
+    rows = [tf.range(h)[:, None] * w] if yin is None else [row * w for row in rows]
+    cols = [tf.range(w)[None, :]] if xin is None else cols
+    taps = [[tf.gather(flat, row + col) for col in cols] for row in rows]
+  along_x = [row[0] if xin is None else _interpolate(row, frac_x, interpolation, zero)
+             for row in taps]
+  value = along_x[0] if yin is None else _interpolate(along_x, frac_y, interpolation, zero)
   return tf.where(inside[..., None], _truncate_to_uint8(value), tf.constant(fill, tf.uint8))
 
 
-def _pixel_centres(image):
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
+def _pixel_centres(h, w):
   ys = tf.range(h, dtype=tf.float64)[:, None] + 0.5
   xs = tf.range(w, dtype=tf.float64)[None, :] + 0.5
   return xs, ys
 
 
-def _transpose(image):
-  return tf.transpose(image, [1, 0, 2])
+def _warp_kernel(kind, image, arg, fill, interpolation):
+  """The per-pixel part of a geometric op (XLA-compiled, see `_compiled_warp`).
+
+  arg: the AFFINE matrix (a0..a5) for 'affine' (x_in = a0 x + a1 y + a2 at pixel centres),
+  the shear factor for 'shear_x'/'shear_y', the shift in pixels for 'translate_x'/'_y'.
+  """
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  # A 0.0 computed from the data, so XLA cannot fold `+ zero` away (see `_mul`).
+  zero = tf.cast(tf.bitwise.right_shift(tf.cast(image[0, 0, 0], tf.int32), 8), tf.float64)
+  xs, ys = _pixel_centres(h, w)
+  if kind == "affine":
+    a0, a1, a2, a3, a4, a5 = tf.unstack(arg)
+    xin = _mul(a0, xs, zero) + _mul(a1, ys, zero) + a2
+    yin = _mul(a3, xs, zero) + _mul(a4, ys, zero) + a5
+  elif kind == "shear_x":  # (1, f, 0, 0, 1, 0)
+    xin, yin = xs + _mul(arg, ys, zero), None
+  elif kind == "shear_y":  # (1, 0, 0, f, 1, 0)
+    xin, yin = None, _mul(arg, xs, zero) + ys
+  elif kind == "translate_x":  # (1, 0, t, 0, 1, 0)
+    xin, yin = xs + arg, None
+  else:  # translate_y: (1, 0, 0, 0, 1, t)
+    xin, yin = None, ys + arg
+  return _warp(image, xin, yin, fill, interpolation, zero)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_warp(kind, fill, interpolation):
+  """XLA-compiled `_warp_kernel` (compiled once per image shape, cached for the process).
+
+  The warps are gathers plus element-wise float64 math: XLA fuses them, several times faster
+  than op-by-op TF, and with `_mul` their results are PIL's bytes (checked in the tests).
+  """
+  return tf.function(
+      lambda image, arg: _warp_kernel(kind, image, arg, fill, interpolation),
+      jit_compile=True, autograph=False)
+
+
+def _geometric(kind, image, arg, fill, interpolation):
+  image = tf.convert_to_tensor(image)
+  return _compiled_warp(kind, tuple(fill), interpolation)(image, _as_float64(arg))
 
 
 def shear_x(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
   """timm `shear_x`: AFFINE (1, factor, 0, 0, 1, 0), i.e. output (x, y) <- input (x + f y, y)."""
-  xs, ys = _pixel_centres(image)
-  xin = xs + _as_float64(factor) * ys
-  return _warp(image, xin, None, fill, interpolation)
+  return _geometric("shear_x", image, factor, fill, interpolation)
 
 
 def shear_y(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
-  """timm `shear_y`: AFFINE (1, 0, 0, factor, 1, 0); ShearX of the transposed image."""
-  return _transpose(shear_x(_transpose(image), factor, fill, interpolation))
+  """timm `shear_y`: AFFINE (1, 0, 0, factor, 1, 0)."""
+  return _geometric("shear_y", image, factor, fill, interpolation)
 
 
 def translate_x_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
   """timm `translate_x_rel`: output (x, y) <- input (x + pct * width, y)."""
-  xs, _ = _pixel_centres(image)
+  # timm computes the shift in Python (float64), outside the per-pixel math.
   pixels = _as_float64(pct) * tf.cast(tf.shape(image)[1], tf.float64)
-  xin = tf.broadcast_to(xs + pixels, tf.shape(image)[:2])
-  return _warp(image, xin, None, fill, interpolation)
+  return _geometric("translate_x", image, pixels, fill, interpolation)
 
 
 def translate_y_rel(image, pct, fill=(128, 128, 128), interpolation="bicubic"):
   """timm `translate_y_rel`: output (x, y) <- input (x, y + pct * height)."""
-  return _transpose(translate_x_rel(_transpose(image), pct, fill, interpolation))
+  pixels = _as_float64(pct) * tf.cast(tf.shape(image)[0], tf.float64)
+  return _geometric("translate_y", image, pixels, fill, interpolation)
+
+
+def _rotate_matrix(degrees, h, w):
+  """PIL `Image.rotate`'s inverse AFFINE matrix, computed like its Python code (float64)."""
+  angle = -(tf.math.floormod(_as_float64(degrees), 360.) * (math.pi / 180.))
+  # round(x, 15): the double nearest k / 1e15, k = round-half-even(x * 1e15).
+  cos = tf.round(tf.cos(angle) * 1e15) / 1e15
+  sin = tf.round(tf.sin(angle) * 1e15) / 1e15
+  cx = tf.cast(w, tf.float64) / 2.
+  cy = tf.cast(h, tf.float64) / 2.
+  # matrix[2], matrix[5] = transform(-cx, -cy, matrix), then += the centre.
+  return tf.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy])
 
 
 def rotate(image, degrees, fill=(128, 128, 128), interpolation="bicubic"):
   """PIL `Image.rotate(degrees)` (counter-clockwise, about the centre, same size)."""
-  h = tf.cast(tf.shape(image)[0], tf.float64)
-  w = tf.cast(tf.shape(image)[1], tf.float64)
-  angle = -_as_float64(degrees) * (math.pi / 180.)
-  # PIL's inverse matrix: rotation by -angle about (w / 2, h / 2), with cos and sin rounded
-  # to 15 decimals as PIL does.
-  cos = tf.round(tf.cos(angle) * 1e15) / 1e15
-  sin = tf.round(tf.sin(angle) * 1e15) / 1e15
-  cx, cy = w / 2., h / 2.
-  xs, ys = _pixel_centres(image)
-  xin = cos * xs + sin * ys + (cos * -cx + sin * -cy + cx)
-  yin = -sin * xs + cos * ys + (-sin * -cx + cos * -cy + cy)
-  return _warp(image, xin, yin, fill, interpolation)
+  image = tf.convert_to_tensor(image)
+  matrix = _rotate_matrix(degrees, tf.shape(image)[0], tf.shape(image)[1])
+  return _geometric("affine", image, matrix, fill, interpolation)
 
 
 # Name -> op, as timm's NAME_TO_OP. 'Increasing' variants share the op and differ only in
@@ -506,27 +555,13 @@ LEVEL_TO_ARG = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_geometric_op(name, fill, interpolation):
-  """XLA-compiled geometric op (one compile per image shape, cached for the process).
-
-  The warps are gathers plus element-wise float64 math: XLA fuses them, ~7x faster than
-  op-by-op TF, and their results stay identical to PIL (checked in the tests).
-  """
-  fn = functools.partial(OPS[name], fill=fill, interpolation=interpolation)
-  return tf.function(fn, jit_compile=True, autograph=False)
-
-
 def apply_op(name, image, level, negate=False, fill=(128, 128, 128), interpolation="bicubic"):
-  """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map.
-
-  Geometric ops run XLA-compiled (same results as calling OPS[name] directly, faster).
-  """
+  """Apply RandAugment op `name` at magnitude `level` (0..10) with timm's argument map."""
   level = _as_float64(level)  # timm maps levels in Python floats
   level_fn = LEVEL_TO_ARG[name]
   arg = None if level_fn is None else level_fn(level, tf.convert_to_tensor(negate))
   if name in GEOMETRIC_OPS:
-    return _compiled_geometric_op(name, tuple(fill), interpolation)(image, arg)
+    return OPS[name](image, arg, fill=fill, interpolation=interpolation)
   return OPS[name](image, arg)
 
 
