@@ -99,16 +99,33 @@ def _round_to_uint8(x):
   return tf.cast(tf.clip_by_value(tf.floor(x + 0.5), 0., 255.), tf.uint8)
 
 
-def _blend(degenerate, image, factor):
+def _opaque_zero(image, dtype):
+  """A 0 computed from the pixels, which XLA cannot constant-fold (see `_mul`)."""
+  return tf.cast(tf.bitwise.right_shift(tf.cast(image[0, 0, 0], tf.int32), 8), dtype)
+
+
+def _mul(a, b, zero):
+  """`a * b` rounded to its dtype before it meets an add, as PIL's C code rounds it.
+
+  XLA's CPU backend turns a multiply feeding an add into one FMA, which skips the product's
+  rounding and can move a result that sits on an integer across PIL's truncation. `zero` is
+  a 0 that XLA cannot fold away: a * b + zero is at most an FMA with a zero addend, which is
+  exactly the rounded product.
+  """
+  return a * b + zero
+
+
+def _blend(degenerate, image, factor, zero):
   """`Image.blend(degenerate, image, factor)`: float32 `d + f * (i - d)`, then truncate.
 
   This is how every `ImageEnhance` class works: factor 0 gives `degenerate`, 1 the image,
-  above 1 it extrapolates away from `degenerate` (then clips). PIL rounds the product to
-  float32 before the add, as op-by-op TF does (never run this under XLA: see module doc).
+  above 1 it extrapolates away from `degenerate` (then clips). PIL rounds the factor and the
+  product to float32 before the add.
   """
   degenerate = tf.cast(degenerate, tf.float32)
   image = tf.cast(image, tf.float32)
-  return _truncate_to_uint8(degenerate + tf.cast(factor, tf.float32) * (image - degenerate))
+  return _truncate_to_uint8(
+      degenerate + _mul(tf.cast(factor, tf.float32), image - degenerate, zero))
 
 
 def _grayscale(image):
@@ -121,148 +138,22 @@ def _grayscale(image):
 # ------------------------------------------------------------------------------------------
 # RandAugment ops. Each takes a uint8 [H, W, 3] image and the op's argument (already mapped
 # from the magnitude, see LEVEL_TO_ARG) and returns a uint8 [H, W, 3] image, like timm's ops.
+# Each op runs as one XLA-compiled kernel (`_run`): the per-pixel work is small, so the cost
+# of many small TF ops would dominate, and XLA fuses table building, stats and lookups.
 # ------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_lookup():
-  """out[y, x, c] = table[c, image[y, x, c]], XLA-compiled (an exact gather)."""
-  def lookup(image, table):
-    index = tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32)
-    return tf.gather(tf.reshape(table, [-1]), index)
-  return tf.function(lookup, jit_compile=True, autograph=False)
+def _compiled(kernel, *static_args):
+  """`kernel(image, arg, *static_args)` XLA-compiled, cached for the process (and by XLA per
+  image shape)."""
+  return tf.function(lambda image, arg: kernel(image, arg, *static_args), jit_compile=True,
+                     autograph=False)
 
 
-def _apply_lut(image, lut):
-  """PIL's `Image.point(lut)`: per-channel table lookup, `lut` [256] or [3, 256].
-
-  The tables are built op-by-op (exactly, they are tiny); the per-pixel lookup is an integer
-  gather compiled with XLA, ~8x faster than TF's op-by-op gather and exact by nature.
-  """
-  lut = tf.broadcast_to(tf.cast(lut, tf.uint8), [3, 256])
-  return _compiled_lookup()(image, lut)
-
-
-def _levels():
-  return tf.range(256, dtype=tf.int32)
-
-
-def auto_contrast(image, unused_arg=None):
-  """`ImageOps.autocontrast`: per channel, stretch [min, max] to [0, 255].
-
-  PIL builds `int(ix * scale + offset)` in Python floats (float64), so we do too.
-  """
-  del unused_arg
-  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
-  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
-  # A flat channel (hi <= lo) is left unchanged; the maximum(.., 1) only avoids a division
-  # by zero in the branch that `where` then discards.
-  scale = 255. / tf.maximum(hi - lo, 1.)
-  offset = -lo * scale
-  ix = tf.cast(_levels(), tf.float64)[None, :]
-  stretched = tf.clip_by_value(tf.cast(ix * scale + offset, tf.int32), 0, 255)
-  return _apply_lut(image, tf.where(hi > lo, stretched, _levels()[None, :]))
-
-
-def equalize(image, unused_arg=None):
-  """`ImageOps.equalize`: per-channel histogram equalisation with PIL's exact LUT.
-
-  PIL: step = (pixels - count of the brightest present value) // 255; if step is 0 the
-  channel is unchanged, else lut[i] = (step // 2 + #pixels below i) // step (stored clipped
-  to 255).
-  """
-  del unused_arg
-  x = tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32)
-  hist = tf.math.bincount(tf.reshape(x, [-1]), minlength=768, maxlength=768, dtype=tf.int64)
-  hist = tf.reshape(hist, [3, 256])
-  total = tf.reduce_sum(hist, axis=1)
-  # Count of the highest value present in each channel.
-  brightest = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), axis=[1]), axis=1,
-                              output_type=tf.int32)
-  last_count = tf.gather(hist, brightest, batch_dims=1)
-  step = (total - last_count) // 255
-  below = tf.cumsum(hist, axis=1, exclusive=True)
-  safe_step = tf.maximum(step, 1)[:, None]
-  lut = tf.minimum((safe_step // 2 + below) // safe_step, 255)
-  return _apply_lut(image, tf.where(step[:, None] > 0, lut, tf.range(256, dtype=tf.int64)))
-
-
-def invert(image, unused_arg=None):
-  """`ImageOps.invert`."""
-  del unused_arg
-  return _apply_lut(image, 255 - _levels())
-
-
-def posterize(image, bits):
-  """`ImageOps.posterize`: keep the `bits` most significant bits.
-
-  0 bits (PosterizeIncreasing at magnitude 10) gives black, as Pillow did when DeiT was
-  trained; Pillow >= 10 raises on 0 bits instead. bits >= 8 is the identity (timm skips it).
-  """
-  shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-  return _apply_lut(image, tf.bitwise.left_shift(tf.bitwise.right_shift(_levels(), shift),
-                                                 shift))
-
-
-def solarize(image, threshold):
-  """`ImageOps.solarize`: invert every value >= threshold (256 -> no-op)."""
-  levels = _levels()
-  return _apply_lut(image, tf.where(levels >= tf.cast(threshold, tf.int32), 255 - levels,
-                                    levels))
-
-
-def solarize_add(image, add, threshold=128):
-  """timm's `solarize_add`: values below `threshold` get `+add`, saturating at 255."""
-  levels = _levels()
-  added = tf.minimum(levels + tf.cast(add, tf.int32), 255)
-  return _apply_lut(image, tf.where(levels < threshold, added, levels))
-
-
-def color(image, factor):
-  """`ImageEnhance.Color`: blend with the grayscale image (0 = grayscale)."""
-  gray = tf.cast(_grayscale(image), tf.uint8)[..., None]
-  return _blend(tf.broadcast_to(gray, tf.shape(image)), image, factor)
-
-
-def contrast(image, factor):
-  """`ImageEnhance.Contrast`: blend with a flat image at the grayscale image's mean.
-
-  The mean is the REAL mean of this image's grayscale (rounded half up, as PIL's
-  `int(mean + 0.5)`); several TF ports use a histogram trick that is off for large images.
-  """
-  gray = tf.cast(_grayscale(image), tf.float64)
-  mean = tf.floor(tf.reduce_mean(gray) + 0.5)
-  # Every pixel blends with the same value, so the blend is a table over the 256 levels.
-  return _apply_lut(image, _blend(tf.fill([256], tf.cast(mean, tf.float32)), _levels(), factor))
-
-
-def brightness(image, factor):
-  """`ImageEnhance.Brightness`: blend with black."""
-  return _apply_lut(image, _blend(tf.zeros([256]), _levels(), factor))
-
-
-def _smooth(image):
-  """`ImageFilter.SMOOTH`: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded half up.
-
-  PIL leaves the one-pixel border unchanged. The weighted sum s is an integer and s / 13 is
-  never exactly x.5, so the integer form floor((2s + 13) / 26) is exact. Sums of shifted
-  slices are cheaper than a depthwise conv here.
-  """
-  x = tf.cast(image, tf.int32)
-  h, w = tf.shape(x)[0], tf.shape(x)[1]
-  rows = x[:-2] + x[1:-1] + x[2:]  # vertical 3-sums, [H - 2, W, 3]
-  total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * x[1:-1, 1:-1]
-  interior = tf.cast((2 * total + 13) // 26, tf.uint8)
-  # Put the smoothed interior back inside the original one-pixel border.
-  middle = tf.concat([image[1:-1, :1], interior, image[1:-1, w - 1:]], axis=1)
-  smoothed = tf.concat([image[:1], middle, image[h - 1:]], axis=0)
-  # Images under 3 pixels on a side have no interior: PIL returns them unchanged.
-  return tf.cond((h < 3) | (w < 3), lambda: image, lambda: smoothed)
-
-
-def sharpness(image, factor):
-  """`ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (0 = smoothed)."""
-  return _blend(_smooth(image), image, factor)
+def _run(kernel, image, arg=0., *static_args):
+  """Run an op kernel; `arg` travels as float64 (timm computes the arguments in Python)."""
+  return _compiled(kernel, *static_args)(tf.convert_to_tensor(image), _as_float64(arg))
 
 
 def _as_float64(x):
@@ -272,15 +163,182 @@ def _as_float64(x):
   return tf.cast(x, tf.float64)
 
 
-def _mul(a, b, zero):
-  """`a * b` rounded to float64 before it meets an add, as PIL's C code rounds it.
+def _lookup(image, table):
+  """out[y, x, c] = table[c, image[y, x, c]] for a [3, 256] (or [256]) table."""
+  table = tf.broadcast_to(table, [3, 256])
+  index = tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32)
+  return tf.gather(tf.reshape(table, [-1]), index)
 
-  XLA's CPU backend turns a multiply feeding an add into one FMA, which skips the product's
-  rounding and can move a result that sits on an integer across PIL's truncation. `zero` is
-  a 0.0 that XLA cannot fold away: a * b + zero is at most an FMA with a zero addend, which is
-  exactly the rounded product.
+
+def _levels():
+  return tf.range(256, dtype=tf.int32)
+
+
+def _lookup_kernel(image, table):
+  return _lookup(image, table)
+
+
+def _point(table_kernel, image, arg=0., *static_args):
+  """PIL's `Image.point(lut)` with the [3, 256] or [256] table that `table_kernel(image, arg,
+  *static_args)` builds. Two compiled calls: fused into one, XLA would recompute the table
+  for every pixel it looks up."""
+  table = tf.cast(_run(table_kernel, image, arg, *static_args), tf.uint8)
+  return _compiled(_lookup_kernel)(tf.convert_to_tensor(image), table)
+
+
+def _auto_contrast_kernel(image, unused_arg):
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
+  # A flat channel (hi <= lo) is left unchanged; the maximum(.., 1) only avoids a division
+  # by zero in the branch that `where` then discards.
+  scale = 255. / tf.maximum(hi - lo, 1.)
+  offset = -lo * scale
+  ix = tf.cast(_levels(), tf.float64)[None, :]
+  stretched = tf.cast(_mul(ix, scale, _opaque_zero(image, tf.float64)) + offset, tf.int32)
+  return tf.where(hi > lo, tf.clip_by_value(stretched, 0, 255), _levels())
+
+
+def auto_contrast(image, unused_arg=None):
+  """`ImageOps.autocontrast`: per channel, stretch [min, max] to [0, 255].
+
+  PIL builds `int(ix * scale + offset)` in Python floats (float64), so we do too.
   """
-  return a * b + zero
+  return _point(_auto_contrast_kernel, image)
+
+
+def _equalize_kernel(image, unused_arg):
+  index = tf.reshape(tf.cast(image, tf.int32) + 256 * tf.range(3, dtype=tf.int32), [-1])
+  hist = tf.reshape(tf.math.unsorted_segment_sum(tf.ones_like(index), index, 768), [3, 256])
+  total = tf.reduce_sum(hist, axis=1)
+  # Count of the highest value present in each channel.
+  brightest = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), axis=[1]), axis=1,
+                              output_type=tf.int32)
+  last_count = tf.gather(hist, brightest, batch_dims=1)
+  step = (total - last_count) // 255
+  below = tf.cumsum(hist, axis=1, exclusive=True)
+  safe_step = tf.maximum(step, 1)[:, None]
+  lut = tf.minimum((safe_step // 2 + below) // safe_step, 255)
+  return tf.where(step[:, None] > 0, lut, _levels())
+
+
+def equalize(image, unused_arg=None):
+  """`ImageOps.equalize`: per-channel histogram equalisation with PIL's exact LUT.
+
+  PIL: step = (pixels - count of the brightest present value) // 255; if step is 0 the
+  channel is unchanged, else lut[i] = (step // 2 + #pixels below i) // step (stored clipped
+  to 255).
+  """
+  return _point(_equalize_kernel, image)
+
+
+def _invert_kernel(image, unused_arg):
+  return 255 - _levels()
+
+
+def invert(image, unused_arg=None):
+  """`ImageOps.invert`."""
+  return _point(_invert_kernel, image)
+
+
+def _posterize_kernel(image, bits):
+  shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
+  return tf.bitwise.left_shift(tf.bitwise.right_shift(_levels(), shift), shift)
+
+
+def posterize(image, bits):
+  """`ImageOps.posterize`: keep the `bits` most significant bits.
+
+  0 bits (PosterizeIncreasing at magnitude 10) gives black, as Pillow did when DeiT was
+  trained; Pillow >= 10 raises on 0 bits instead. bits >= 8 is the identity (timm skips it).
+  """
+  return _point(_posterize_kernel, image, bits)
+
+
+def _solarize_kernel(image, threshold):
+  levels = _levels()
+  return tf.where(levels >= tf.cast(threshold, tf.int32), 255 - levels, levels)
+
+
+def solarize(image, threshold):
+  """`ImageOps.solarize`: invert every value >= threshold (256 -> no-op)."""
+  return _point(_solarize_kernel, image, threshold)
+
+
+def _solarize_add_kernel(image, add, threshold):
+  levels = _levels()
+  added = tf.minimum(levels + tf.cast(add, tf.int32), 255)
+  return tf.where(levels < threshold, added, levels)
+
+
+def solarize_add(image, add, threshold=128):
+  """timm's `solarize_add`: values below `threshold` get `+add`, saturating at 255."""
+  return _point(_solarize_add_kernel, image, add, int(threshold))
+
+
+def _color_kernel(image, factor):
+  gray = tf.cast(_grayscale(image), tf.uint8)[..., None]
+  return _blend(gray, image, factor, _opaque_zero(image, tf.float32))
+
+
+def color(image, factor):
+  """`ImageEnhance.Color`: blend with the grayscale image (0 = grayscale)."""
+  return _run(_color_kernel, image, factor)
+
+
+def _contrast_kernel(image, factor):
+  gray = tf.cast(_grayscale(image), tf.float64)
+  mean = tf.floor(tf.reduce_mean(gray) + 0.5)
+  # Every pixel blends with the same value, so the blend is a table over the 256 levels.
+  zero = _opaque_zero(image, tf.float32)
+  return _blend(tf.fill([256], tf.cast(mean, tf.float32)), _levels(), factor, zero)
+
+
+def contrast(image, factor):
+  """`ImageEnhance.Contrast`: blend with a flat image at the grayscale image's mean.
+
+  The mean is the REAL mean of this image's grayscale (rounded half up, as PIL's
+  `int(mean + 0.5)`); several TF ports use a histogram trick that is off for large images.
+  """
+  return _point(_contrast_kernel, image, factor)
+
+
+def _brightness_kernel(image, factor):
+  return _blend(tf.zeros([256]), _levels(), factor, _opaque_zero(image, tf.float32))
+
+
+def brightness(image, factor):
+  """`ImageEnhance.Brightness`: blend with black."""
+  return _point(_brightness_kernel, image, factor)
+
+
+def _smooth_interior(image):
+  """`ImageFilter.SMOOTH` (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded half up) of the
+  pixels off the one-pixel border, which PIL leaves unchanged: [H - 2, W - 2, 3].
+
+  The weighted sum s is an integer and s / 13 is never exactly x.5, so the integer form
+  floor((2s + 13) / 26) is exact.
+  """
+  x = tf.cast(image, tf.int32)
+  rows = x[:-2] + x[1:-1] + x[2:]  # vertical 3-sums, [H - 2, W, 3]
+  total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * x[1:-1, 1:-1]
+  return tf.cast((2 * total + 13) // 26, tf.uint8)
+
+
+def _sharpness_kernel(image, factor):
+  h, w = image.shape[0], image.shape[1]  # static inside the compiled kernel
+  if h < 3 or w < 3:
+    return image  # no interior: PIL's SMOOTH returns the image unchanged
+  # The border blends with itself, which leaves it unchanged: blend the interior only and
+  # write it back in place (a concat along W would keep XLA from vectorising).
+  interior = _blend(_smooth_interior(image), image[1:-1, 1:-1], factor,
+                    _opaque_zero(image, tf.float32))
+  return tf.raw_ops.TensorStridedSliceUpdate(
+      input=image, begin=[1, 1, 0], end=[h - 1, w - 1, 3], strides=[1, 1, 1], value=interior)
+
+
+def sharpness(image, factor):
+  """`ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (0 = smoothed)."""
+  return _run(_sharpness_kernel, image, factor)
 
 
 def _interpolate(taps, frac, interpolation, zero):
@@ -351,15 +409,14 @@ def _pixel_centres(h, w):
   return xs, ys
 
 
-def _warp_kernel(kind, image, arg, fill, interpolation):
-  """The per-pixel part of a geometric op (XLA-compiled, see `_compiled_warp`).
+def _warp_kernel(image, arg, kind, fill, interpolation):
+  """The per-pixel part of a geometric op.
 
   arg: the AFFINE matrix (a0..a5) for 'affine' (x_in = a0 x + a1 y + a2 at pixel centres),
   the shear factor for 'shear_x'/'shear_y', the shift in pixels for 'translate_x'/'_y'.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  # A 0.0 computed from the data, so XLA cannot fold `+ zero` away (see `_mul`).
-  zero = tf.cast(tf.bitwise.right_shift(tf.cast(image[0, 0, 0], tf.int32), 8), tf.float64)
+  zero = _opaque_zero(image, tf.float64)
   xs, ys = _pixel_centres(h, w)
   if kind == "affine":
     a0, a1, a2, a3, a4, a5 = tf.unstack(arg)
@@ -376,21 +433,10 @@ def _warp_kernel(kind, image, arg, fill, interpolation):
   return _warp(image, xin, yin, fill, interpolation, zero)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_warp(kind, fill, interpolation):
-  """XLA-compiled `_warp_kernel` (compiled once per image shape, cached for the process).
-
-  The warps are gathers plus element-wise float64 math: XLA fuses them, several times faster
-  than op-by-op TF, and with `_mul` their results are PIL's bytes (checked in the tests).
-  """
-  return tf.function(
-      lambda image, arg: _warp_kernel(kind, image, arg, fill, interpolation),
-      jit_compile=True, autograph=False)
-
-
 def _geometric(kind, image, arg, fill, interpolation):
-  image = tf.convert_to_tensor(image)
-  return _compiled_warp(kind, tuple(fill), interpolation)(image, _as_float64(arg))
+  # The warps are gathers plus element-wise float64 math: XLA fuses them, several times
+  # faster than op-by-op TF, and with `_mul` they give PIL's bytes (checked in the tests).
+  return _run(_warp_kernel, image, arg, kind, tuple(fill), interpolation)
 
 
 def shear_x(image, factor, fill=(128, 128, 128), interpolation="bicubic"):
@@ -870,16 +916,19 @@ def three_augment(image, seed):
                                  lambda: gaussian_blur(image, sigma)])
 
 
+def _normalize_kernel(image, unused_arg, mean, std):
+  levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)
+  table = (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+  return _lookup(image, tf.constant(table, tf.float32))  # a constant table: one kernel
+
+
 def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   """ToTensor (/255) then Normalize, channels last: uint8 [H, W, 3] -> float32.
 
   A uint8 input has 256 levels per channel, so this is a lookup in a [3, 256] float32 table
-  built with torch's float32 arithmetic ((v / 255 - mean) / std); the gather is XLA-compiled
-  and gives identical bits everywhere.
+  built with torch's float32 arithmetic ((v / 255 - mean) / std): identical bits everywhere.
   """
-  levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)
-  table = (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
-  return _compiled_lookup()(image, tf.constant(table, tf.float32))
+  return _run(_normalize_kernel, image, 0., tuple(mean), tuple(std))
 
 
 def sample_erase_box(seed, height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
