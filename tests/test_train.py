@@ -252,11 +252,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / "preempted")
   p = _launch(["--workdir", workdir, "--config.total_steps=100000", "--config.log_every_steps=1",
                "--config.checkpoint_every_steps=100000"], 1)
+  seen = []
   for line in p.stdout:  # wait until training runs
+    seen.append(line)
     if line.startswith("step 3/"):
       break
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=300)
+  out = "".join(seen) + out
   assert p.returncode == 0, out[-3000:]
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert len(saved) == 1 and saved[0] >= 3
