@@ -202,8 +202,8 @@ def test_parse_rand_augment_deit_string():
 
 def test_magnitude_noise_and_clipping():
   spec = augment.parse_rand_augment("rand-m9-mstd0.5-inc1")
-  levels = np.array([float(augment._sample_magnitude(tf.constant([i, 7]), spec))
-                     for i in range(400)])
+  uniforms = tf.constant((np.arange(2000) + 0.5) / 2000, tf.float32)  # evenly spread quantiles
+  levels = augment._sample_magnitude(uniforms, spec).numpy()
   assert levels.min() >= 0 and levels.max() <= 10
   assert abs(levels.mean() - 9) < 0.1 and 0.4 < levels.std() < 0.55
   assert (levels == 10).mean() > 0.005  # the clip at 10 is hit (~2%)
@@ -386,6 +386,13 @@ def test_train_transform_normalizes_like_totensor():
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+def test_normalize_is_torchs_float32_arithmetic_bit_for_bit():
+  levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=-1)  # [256, 1, 3]
+  mean, std = np.float32(augment.IMAGENET_MEAN), np.float32(augment.IMAGENET_STD)
+  expected = (levels.astype(np.float32) / np.float32(255) - mean) / std  # ToTensor, Normalize
+  np.testing.assert_array_equal(augment.normalize(levels), expected)
+
+
 def test_color_jitter_switch_and_range():
   image = _smooth_image()
   seed = tf.constant([3, 3])
@@ -412,8 +419,8 @@ def test_three_augment_is_one_of_its_ops():
       kinds.add("gray")
     elif np.array_equal(out, solarized):
       kinds.add("solarize")
-    else:  # blurred: smoother than the input, same mean
-      assert np.abs(np.diff(out.astype(int), axis=1)).mean() < np.abs(
+    else:  # blurred: no sharper than the input (sigma near 0.1 blurs nothing), same mean
+      assert np.abs(np.diff(out.astype(int), axis=1)).mean() <= np.abs(
           np.diff(image.astype(int), axis=1)).mean()
       assert abs(out.mean() - image.mean()) < 2
       kinds.add("blur")
