@@ -388,39 +388,90 @@ def _taps(coordinate, size, interpolation):
           (pos - start)[..., None])
 
 
+def _fill_outside(value, inside, fill):
+  return tf.where(inside[..., None], _truncate_to_uint8(value), tf.constant(fill, tf.uint8))
+
+
 def _warp(image, xin, yin, fill, interpolation, zero):
-  """PIL `Image.transform`: output pixel (x, y) samples the source at (xin, yin).
+  """PIL `Image.transform`: output pixel (x, y) samples the source at (xin, yin) [H, W].
 
   PIL samples at the pixel-centre coordinate (xin - 0.5, yin - 0.5) with edge-clamped taps,
   interpolates each tap row along x, then the rows along y, in double, truncates, and fills
-  outputs whose (xin, yin) falls outside [0, W) x [0, H). A None coordinate is the output's
-  own pixel centre (PIL then interpolates at fraction 0, which returns the tap exactly);
-  xin [1, W] (yin [H, 1]) is the same for every row (column), so whole columns (rows) are
-  gathered at once.
+  outputs whose (xin, yin) falls outside [0, W) x [0, H). Taps are gathered per pixel from
+  the [H * W, 3] float64 pixel list (XLA's gather costs per gathered element).
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  pixels = tf.cast(image, tf.float64)
-  inside = tf.ones([h, w], tf.bool)
-  if xin is not None:
-    inside &= (xin >= 0.) & (xin < tf.cast(w, tf.float64))
-    cols, frac_x = _taps(xin, w, interpolation)
-  if yin is not None:
-    inside &= (yin >= 0.) & (yin < tf.cast(h, tf.float64))
-    rows, frac_y = _taps(yin, h, interpolation)
-  if yin is None and xin.shape[0] == 1:
-    taps = [[tf.gather(pixels, col[0], axis=1) for col in cols]]
-  elif xin is None and yin.shape[1] == 1:
-    taps = [[tf.gather(pixels, row[:, 0])] for row in rows]
+  flat = tf.reshape(tf.cast(image, tf.float64), [-1, 3])
+  inside = ((xin >= 0.) & (xin < tf.cast(w, tf.float64)) &
+            (yin >= 0.) & (yin < tf.cast(h, tf.float64)))
+  cols, frac_x = _taps(xin, w, interpolation)
+  rows, frac_y = _taps(yin, h, interpolation)
+  along_x = [_interpolate([tf.gather(flat, row * w + col) for col in cols], frac_x,
+                          interpolation, zero) for row in rows]
+  return _fill_outside(_interpolate(along_x, frac_y, interpolation, zero), inside, fill)
+
+
+def _line_shifts(coordinate, axis, size, interpolation):
+  """For `_warp_1d`: each line's shift n (int32, [lines or 1, 1] or [1, lines or 1]), each
+  output's d (int32, like `coordinate`) and fraction (float64, [..., 1])."""
+  pos = coordinate - 0.5
+  start = tf.floor(pos)
+  # Clipped so the int32 arithmetic cannot overflow; such outputs are filled anyway.
+  limit = 2. * tf.cast(size, tf.float64) + 8.
+  first = (tf.cast(tf.clip_by_value(start, -limit, limit), tf.int32) +
+           _tap_offsets(interpolation)[0])
+  along = tf.range(size)
+  if axis == 1:
+    shift = first[:, :1]
+    d = first - (along[None, :] + shift)
   else:
-    # Per-pixel taps: gather [H, W] indices from the [H * W, 3] pixel list.
-    flat = tf.reshape(pixels, [-1, 3])
-    rows = [tf.range(h)[:, None] * w] if yin is None else [row * w for row in rows]
-    cols = [tf.range(w)[None, :]] if xin is None else cols
-    taps = [[tf.gather(flat, row + col) for col in cols] for row in rows]
-  along_x = [row[0] if xin is None else _interpolate(row, frac_x, interpolation, zero)
-             for row in taps]
-  value = along_x[0] if yin is None else _interpolate(along_x, frac_y, interpolation, zero)
-  return tf.where(inside[..., None], _truncate_to_uint8(value), tf.constant(fill, tf.uint8))
+    shift = first[:1, :]
+    d = first - (along[:, None] + shift)
+  return shift, d, (pos - start)[..., None]
+
+
+def _shifted_lines_kernel(image, coordinate, axis, interpolation):
+  """For `_warp_1d`: every line of `image` shifted by its n, edge-clamped, with room for
+  the taps and d = -1..1: uint8 [H, W + taps + 1, 3] (axis 1) or [H + taps + 1, W, 3]."""
+  shape = tf.shape(image)
+  size = shape[axis]
+  shift, _, _ = _line_shifts(coordinate, axis, size, interpolation)
+  extended = size + len(_tap_offsets(interpolation)) + 1
+  j = tf.range(extended)[None, :] if axis == 1 else tf.range(extended)[:, None]
+  source = tf.clip_by_value(shift + j - 1, 0, size - 1)
+  if source.shape[1 - axis] == 1:  # the same shift for every line: gather whole lines
+    return tf.gather(image, tf.reshape(source, [-1]), axis=axis)
+  flat = tf.reshape(image, [-1, 3])
+  if axis == 1:
+    return tf.gather(flat, tf.range(shape[0])[:, None] * shape[1] + source)
+  return tf.gather(flat, source * shape[1] + tf.range(shape[1])[None, :])
+
+
+def _warp_1d(image, shifted, coordinate, axis, fill, interpolation, zero):
+  """`_warp` when only one coordinate moves: along x (axis 1, `coordinate` = xin [H or 1, W])
+  or along y (axis 0, yin [H, W or 1]); PIL interpolates the other at fraction 0, which
+  returns the tap exactly.
+
+  Along each line (row for x, column for y) the taps of neighbouring outputs overlap: output
+  i's taps start at i + n + d, with n the line's shift and d in {-1, 0, 1} (0 but for float
+  rounding at integer shifts). So each line is gathered once, shifted by n (`shifted`, from
+  `_shifted_lines_kernel`: N + taps + 1 values instead of N * taps), and every tap is a
+  static slice of it, picked by d.
+  """
+  shape = tf.shape(image)
+  size = shape[axis]
+  _, d, frac = _line_shifts(coordinate, axis, size, interpolation)
+  shifted = tf.cast(shifted, tf.float64)
+
+  def piece(m):  # what outputs see at position m of their shifted line
+    return shifted[:, m:m + size] if axis == 1 else shifted[m:m + size]
+
+  d = d[..., None]
+  taps = [tf.where(d < 0, piece(k), tf.where(d > 0, piece(k + 2), piece(k + 1)))
+          for k in range(len(_tap_offsets(interpolation)))]
+  inside = tf.broadcast_to((coordinate >= 0.) & (coordinate < tf.cast(size, tf.float64)),
+                           shape[:2])
+  return _fill_outside(_interpolate(taps, frac, interpolation, zero), inside, fill)
 
 
 def _pixel_centres(h, w):
@@ -429,34 +480,57 @@ def _pixel_centres(h, w):
   return xs, ys
 
 
-def _warp_kernel(image, arg, kind, fill, interpolation):
-  """The per-pixel part of a geometric op.
+def _coordinates(image, arg, kind, zero):
+  """PIL's sampling coordinates (xin, yin) of a geometric op at the output pixel centres;
+  None for a coordinate the op leaves alone (the output's own pixel centre).
 
-  arg: the AFFINE matrix (a0..a5) for 'affine' (x_in = a0 x + a1 y + a2 at pixel centres),
-  the shear factor for 'shear_x'/'shear_y', the shift in pixels for 'translate_x'/'_y'.
+  arg: the AFFINE matrix (a0..a5) for 'affine' (xin = a0 x + a1 y + a2), the shear factor
+  for 'shear_x'/'shear_y', the shift in pixels for 'translate_x'/'translate_y'.
   """
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  zero = _opaque_zero(image, tf.float64)
   xs, ys = _pixel_centres(h, w)
   if kind == "affine":
     a0, a1, a2, a3, a4, a5 = tf.unstack(arg)
-    xin = _mul(a0, xs, zero) + _mul(a1, ys, zero) + a2
-    yin = _mul(a3, xs, zero) + _mul(a4, ys, zero) + a5
-  elif kind == "shear_x":  # (1, f, 0, 0, 1, 0)
-    xin, yin = xs + _mul(arg, ys, zero), None
-  elif kind == "shear_y":  # (1, 0, 0, f, 1, 0)
-    xin, yin = None, _mul(arg, xs, zero) + ys
-  elif kind == "translate_x":  # (1, 0, t, 0, 1, 0)
-    xin, yin = xs + arg, None
-  else:  # translate_y: (1, 0, 0, 0, 1, t)
-    xin, yin = None, ys + arg
-  return _warp(image, xin, yin, fill, interpolation, zero)
+    return (_mul(a0, xs, zero) + _mul(a1, ys, zero) + a2,
+            _mul(a3, xs, zero) + _mul(a4, ys, zero) + a5)
+  return {"shear_x": lambda: (xs + _mul(arg, ys, zero), None),  # (1, f, 0, 0, 1, 0)
+          "shear_y": lambda: (None, _mul(arg, xs, zero) + ys),  # (1, 0, 0, f, 1, 0)
+          "translate_x": lambda: (xs + arg, None),  # (1, 0, t, 0, 1, 0)
+          "translate_y": lambda: (None, ys + arg)}[kind]()  # (1, 0, 0, 0, 1, t)
+
+
+def _moving_axis(xin, yin):
+  """(axis, coordinate) of a one-coordinate warp: x moves along axis 1, y along axis 0."""
+  return (1, xin) if yin is None else (0, yin)
+
+
+def _lines_kernel(image, arg, kind, interpolation):
+  axis, coordinate = _moving_axis(*_coordinates(image, arg, kind,
+                                                _opaque_zero(image, tf.float64)))
+  return _shifted_lines_kernel(image, coordinate, axis, interpolation)
+
+
+def _warp_kernel(image, args, kind, fill, interpolation):
+  """The per-pixel part of a geometric op; args = arg, or (arg, shifted lines) for the
+  one-coordinate ops."""
+  zero = _opaque_zero(image, tf.float64)
+  if kind == "affine":
+    return _warp(image, *_coordinates(image, args, kind, zero), fill, interpolation, zero)
+  arg, shifted = args
+  axis, coordinate = _moving_axis(*_coordinates(image, arg, kind, zero))
+  return _warp_1d(image, shifted, coordinate, axis, fill, interpolation, zero)
 
 
 def _geometric(kind, image, arg, fill, interpolation):
   # The warps are gathers plus element-wise float64 math: XLA fuses them, several times
   # faster than op-by-op TF, and with `_mul` they give PIL's bytes (checked in the tests).
-  return _run(_warp_kernel, image, arg, kind, tuple(fill), interpolation)
+  image = tf.convert_to_tensor(image)
+  arg = _as_float64(arg)
+  warp = _compiled(_warp_kernel, kind, tuple(fill), interpolation)
+  if kind == "affine":
+    return warp(image, arg)
+  # The line gather is its own kernel: fused, XLA would redo it for each of its many uses.
+  return warp(image, (arg, _compiled(_lines_kernel, kind, interpolation)(image, arg)))
 
 
 def shear_x(image, factor, fill=(128, 128, 128), interpolation="bicubic"):

@@ -140,6 +140,20 @@ def test_geometric_ops_equal_pil_bicubic(name, arg, reference):
     np.testing.assert_array_equal(_np(ours), _np(reference(image)), err_msg=name)
 
 
+@pytest.mark.parametrize("kind,arg,matrix", [
+    # Shifts a hair below an integer: float rounding moves the first tap of some outputs by
+    # one (the d != 0 branch of the one-axis warps).
+    ("translate_x", 5 - 2**-49, (1, 0, 5 - 2**-49, 0, 1, 0)),
+    ("translate_y", -3 - 2**-49, (1, 0, 0, 0, 1, -3 - 2**-49)),
+    ("shear_x", 2 - 2**-45, (1, 2 - 2**-45, 0, 0, 1, 0)),
+    ("shear_y", 2 - 2**-48, (1, 0, 0, 2 - 2**-48, 1, 0)),
+])
+def test_one_axis_warps_at_near_integer_shifts_equal_pil(kind, arg, matrix):
+  for image in GEOMETRIC_IMAGES:
+    ours = augment._geometric(kind, image, arg, FILL, "bicubic")
+    np.testing.assert_array_equal(_np(ours), _np(_pil_affine(image, matrix)), err_msg=kind)
+
+
 def test_geometric_op_with_wrong_kernel_would_fail():
   # Sanity check of the bound above: a plain bilinear rotate is far from PIL's bicubic.
   image = IMAGES[0]
