@@ -796,15 +796,16 @@ def _rand_augment(image, u, spec, fill, interpolation):
 # ------------------------------------------------------------------------------------------
 
 
-def _bicubic_filter(x):
-  """PIL's bicubic kernel (a = -0.5), in float64 like PIL."""
+def _bicubic_filter(x, zero):
+  """PIL's bicubic kernel (a = -0.5), in float64 with PIL's rounding (`_mul`)."""
   a = -0.5
   x = tf.abs(x)
-  return tf.where(x < 1., ((a + 2.) * x - (a + 3.)) * x * x + 1.,
-                  tf.where(x < 2., (((x - 5.) * x + 8.) * x - 4.) * a, 0.))
+  near = _mul((_mul(a + 2., x, zero) - (a + 3.)) * x, x, zero) + 1.
+  far = _mul(_mul(_mul(x - 5., x, zero) + 8., x, zero) - 4., a, zero)
+  return tf.where(x < 1., near, tf.where(x < 2., far, 0.))
 
 
-def _bilinear_filter(x):
+def _bilinear_filter(x, unused_zero):
   return tf.maximum(1. - tf.abs(x), 0.)
 
 
@@ -816,57 +817,93 @@ _RESIZE_BLOCK = 16
 # The transposed pass runs on rows padded to a multiple of this, so the matmul shapes repeat
 # from image to image (oneDNN caches one kernel per shape).
 _RESIZE_ROW_ALIGN = 16
+# Static window sizes the weight kernel is compiled for (the smallest that fits is used, then
+# sliced to the real window): steps of 8, then x1.5, far past any image.
+_RESIZE_WINDOW_CAPS = tuple(range(8, 65, 8)) + tuple(
+    int(64 * 1.5**k) // 8 * 8 for k in range(1, 35))
 
 
-def _resize_weights(in_sizes, out_sizes, starts, counts, flip, interpolation):
+def _resize_weights_kernel(params, num_outputs, window_cap, interpolation):
   """PIL's resampling weights for both axes at once, grouped in blocks of outputs.
 
-  For axis a, outputs starts[a] + j (j < counts[a]) of a resize from in_sizes[a] to out_sizes[a]
-  (in reverse order when flip[a]). PIL (precompute_coeffs + normalize_coeffs_8bpc): output o
-  reads inputs [xmin, xmax) around center = (o + 0.5) * scale with weights
-  kernel((x - center + 0.5) / max(scale, 1)), normalized to sum 1, then rounded to 22-bit
-  fixed point; we keep those fixed-point values (exact in float32).
+  params: int32 [5, 2], per axis: input size, output size, first output, output count,
+  flip. For axis a, outputs first + j (j < count <= num_outputs) of a resize from input size
+  to output size (in reverse order when flipped). PIL (precompute_coeffs and
+  normalize_coeffs_8bpc): output o reads inputs [xmin, xmax) around center = (o + 0.5) *
+  scale with weights kernel((x - center + 0.5) / max(scale, 1)), normalized to sum 1, then
+  rounded to 22-bit fixed point; we keep those fixed-point values (exact in float32).
 
-  Returns float32 weights [2, blocks, _RESIZE_BLOCK, window] and int32 input rows
-  [2, blocks, window] (block b's contiguous window, clamped inside the input).
+  Returns float32 weights [2, blocks, _RESIZE_BLOCK, window_cap], int32 input rows
+  [2, blocks, window_cap] (block b's contiguous window, clamped inside the input) and the
+  window actually needed (the rest has zero weights).
   """
   support, kernel = _RESIZE_FILTERS[interpolation]
   block = _RESIZE_BLOCK
-  counts = tf.cast(counts, tf.int32)[:, None]
-  num_blocks = (tf.reduce_max(counts) + block - 1) // block
-  in_sizes = tf.cast(in_sizes, tf.int32)[:, None]
-  scale = tf.cast(in_sizes, tf.float64) / tf.cast(out_sizes, tf.float64)[:, None]
+  num_blocks = -(-num_outputs // block)
+  zero = tf.cast(params[0, 0] // (params[0, 0] + 1), tf.float64)  # opaque 0 (see `_mul`)
+  in_sizes, out_sizes, starts, counts, flip = (params[i][:, None] for i in range(5))
+  scale = tf.cast(in_sizes, tf.float64) / tf.cast(out_sizes, tf.float64)
   filterscale = tf.maximum(scale, 1.)
   support = support * filterscale
   j = tf.range(num_blocks * block)[None, :]
-  out = tf.cast(starts, tf.int32)[:, None] + tf.where(flip[:, None], counts - 1 - j, j)
-  center = (tf.cast(out, tf.float64) + 0.5) * scale  # [2, n]
+  out = starts + tf.where(flip > 0, counts - 1 - j, j)
+  center = _mul(tf.cast(out, tf.float64) + 0.5, scale, zero)  # [2, n]
   # PIL rounds the bounds with a C cast (truncation toward zero), then clips.
   xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
   xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_sizes)
-  shape = tf.stack([2, num_blocks, block, 1])
-  xmin, xmax, center = (tf.reshape(v, shape) for v in (xmin, xmax, center))
-  # Outputs past `counts` (padding of the last block) may be empty (xmin >= xmax): they get
+  xmin, xmax, center = (tf.reshape(v, [2, num_blocks, block, 1]) for v in (xmin, xmax, center))
+  # Outputs past the count (padding of the last block) may be empty (xmin >= xmax): they get
   # zero weights and are sliced off by the caller.
   lo = tf.reduce_min(xmin, axis=2, keepdims=True)  # [2, blocks, 1, 1]
   window = tf.maximum(tf.reduce_max(tf.reduce_max(xmax, axis=2, keepdims=True) - lo), 1)
   first = tf.maximum(tf.minimum(lo, in_sizes[:, :, None, None] - window), 0)
-  x = first + tf.range(window)  # [2, blocks, 1, window]
-  taps = (tf.cast(x, tf.float64) - center + 0.5) * (1. / filterscale)[:, :, None, None]
-  weights = tf.where((x >= xmin) & (x < xmax), kernel(taps), 0.)
+  x = first + tf.range(window_cap)  # [2, blocks, 1, window_cap]
+  taps = _mul(tf.cast(x, tf.float64) - center + 0.5, (1. / filterscale)[:, :, None, None], zero)
+  weights = tf.where((x >= xmin) & (x < xmax), kernel(taps, zero), 0.)
   weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=3, keepdims=True))
   # PIL's 8-bit path rounds each weight to a multiple of 2^-22, half away from zero.
   fixed = tf.sign(weights) * tf.floor(tf.abs(weights) * 2.**22 + 0.5) * 2.**-22
-  rows = tf.minimum(x[:, :, 0], in_sizes[:, :, None] - 1)  # [2, blocks, window]
-  return tf.cast(fixed, tf.float32), rows
+  rows = tf.minimum(x[:, :, 0], in_sizes[:, :, None] - 1)  # [2, blocks, window_cap]
+  return tf.cast(fixed, tf.float32), rows, window
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_resize_weights(num_outputs, window_cap, interpolation):
+  return tf.function(
+      lambda params: _resize_weights_kernel(params, num_outputs, window_cap, interpolation),
+      jit_compile=True, autograph=False)
+
+
+def _resize_weights(in_sizes, out_sizes, starts, counts, flip, num_outputs, interpolation):
+  """`_resize_weights_kernel`, XLA-compiled for the smallest window cap that fits (a few
+  dozen small ops run op by op would cost more than the matmuls), sliced to the window."""
+  params = tf.stack([in_sizes, out_sizes, starts, counts, tf.cast(flip, tf.int32)])
+  # A block of outputs spans block * scale inputs plus the kernel's support on both sides.
+  scale = tf.reduce_max(tf.cast(in_sizes, tf.float64) / tf.cast(out_sizes, tf.float64))
+  support = _RESIZE_FILTERS[interpolation][0] * tf.maximum(scale, 1.)
+  bound = tf.cast(tf.math.ceil(_RESIZE_BLOCK * scale + 2. * support), tf.int32) + 3
+  index = tf.reduce_sum(tf.cast(tf.constant(_RESIZE_WINDOW_CAPS) < bound, tf.int32))
+  weights, rows, window = tf.switch_case(index, [
+      functools.partial(_compiled_resize_weights(num_outputs, cap, interpolation), params)
+      for cap in _RESIZE_WINDOW_CAPS])
+  return weights[..., :window], rows[..., :window]
 
 
 def _resize_pass(rows, weights, input_rows, count):
-  """One separable pass over the rows of `rows` [n, m] (uint8): [count, m] uint8."""
-  gathered = tf.gather(tf.cast(rows, tf.float32), input_rows)  # [blocks, window, m]
+  """One separable pass over the rows of `rows` [n, m] (integer levels, float32): [count, m]
+  float32 levels, rounded half up and clipped like PIL's fixed-point store."""
+  gathered = tf.gather(rows, input_rows)  # [blocks, window, m]
   out = tf.reshape(tf.matmul(weights, gathered), [-1, tf.shape(rows)[1]])[:count]
-  # PIL's fixed-point store rounds half up and clips.
-  return tf.cast(tf.clip_by_value(out + 0.5, 0., 255.), tf.uint8)
+  return tf.clip_by_value(tf.floor(out + 0.5), 0., 255.)
+
+
+def _static_size(values, name):
+  static = tf.get_static_value(values)
+  if static is None:
+    raise ValueError(f"resize: the {name} of the computed output must be known when the graph "
+                     "is built (Python ints); give a window of static size to resize to a "
+                     "data-dependent size (as eval_transform does).")
+  return int(static[0]), int(static[1])
 
 
 def resize(image, size, interpolation="bicubic", window=None, flip=False):
@@ -876,33 +913,37 @@ def resize(image, size, interpolation="bicubic", window=None, flip=False):
   uint8, then vertical pass, each output a normalized kernel over inputs within
   support * max(scale, 1). Each pass is a batched matmul over blocks of outputs.
 
-  window: (top, left, height, width) of the resized image to compute (a center crop, say):
-    only those outputs are computed, the same values as cropping the full resize.
+  size: (height, width); Python ints, or tensors when a window is given.
+  window: (top, left, height, width) of the resized image to compute (a center crop, say),
+    height and width Python ints: only those outputs are computed, the same values as
+    cropping the full resize.
   flip: mirror the result left-right (the same as flipping after the resize, at no cost).
 
   Matches PIL's fixed-point result except for a rare +-1 where float32 accumulation and
   PIL's integer sum round a value sitting on a half level differently (~1e-4 of values).
   """
   image = tf.convert_to_tensor(image)
+  if window is None:
+    out_h, out_w = _static_size(size, "size")
+    top, left = 0, 0
+  else:
+    top, left = window[:2]
+    out_h, out_w = _static_size(window[2:], "window's height and width")
   size = tf.cast(size, tf.int32)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
-  if window is None:
-    top, left, out_h, out_w = 0, 0, size[0], size[1]
-  else:
-    top, left, out_h, out_w = window
   weights, input_rows = _resize_weights(
       tf.stack([w, h]), tf.stack([size[1], size[0]]), tf.stack([left, top]),
-      tf.stack([out_w, out_h]),
-      tf.stack([tf.convert_to_tensor(flip), False]), interpolation)
+      tf.constant([out_w, out_h]), tf.stack([tf.convert_to_tensor(flip), False]),
+      max(out_h, out_w), interpolation)
   # Horizontal pass on the transposed image: [x, (c, y)] rows, so it is a row resample.
   padded_h = (h + _RESIZE_ROW_ALIGN - 1) // _RESIZE_ROW_ALIGN * _RESIZE_ROW_ALIGN
   rows = tf.gather(image, tf.minimum(tf.range(padded_h), h - 1))  # extra rows never read
   columns = tf.reshape(tf.transpose(tf.reshape(rows, [padded_h, 3 * w])), [w, 3 * padded_h])
-  columns = _resize_pass(columns, weights[0], input_rows[0], out_w)  # [x', (c, y)]
-  # Vertical pass on [y, (x', c)] rows.
+  columns = _resize_pass(tf.cast(columns, tf.float32), weights[0], input_rows[0], out_w)
+  # Vertical pass on [y, (x', c)] rows (a float32 transpose is faster than a uint8 one).
   rows = tf.transpose(tf.reshape(columns, [3 * out_w, padded_h]))
   rows = _resize_pass(rows, weights[1], input_rows[1], out_h)
-  return tf.reshape(rows, [out_h, out_w, 3])
+  return tf.reshape(tf.cast(rows, tf.uint8), [out_h, out_w, 3])
 
 
 # ------------------------------------------------------------------------------------------
