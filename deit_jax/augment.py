@@ -198,32 +198,25 @@ def _lookup_kernel(image, table):
   return _lookup(image, table)
 
 
-def _point(table_kernel, image, arg=0., *static_args):
-  """PIL's `Image.point(lut)` with the [3, 256] or [256] table that `table_kernel(image, arg,
-  *static_args)` builds. Two compiled calls: fused into one, XLA would recompute the table
-  for every pixel it looks up."""
-  table = tf.cast(_run(table_kernel, image, arg, *static_args), tf.uint8)
-  return _compiled(_lookup_kernel)(tf.convert_to_tensor(image), table)
-
-
 def _auto_contrast_kernel(image, unused_arg):
-  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
-  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)
   # A flat channel (hi <= lo) is left unchanged; the maximum(.., 1) only avoids a division
   # by zero in the branch that `where` then discards.
   scale = 255. / tf.maximum(hi - lo, 1.)
   offset = -lo * scale
-  ix = tf.cast(_levels(), tf.float64)[None, :]
-  stretched = tf.cast(_mul(ix, scale, _opaque_zero(image, tf.float64)) + offset, tf.int32)
-  return tf.where(hi > lo, tf.clip_by_value(stretched, 0, 255), _levels())
+  stretched = tf.cast(_mul(tf.cast(image, tf.float64), scale, _opaque_zero(image, tf.float64))
+                      + offset, tf.int32)
+  return tf.where(hi > lo, tf.cast(tf.clip_by_value(stretched, 0, 255), tf.uint8), image)
 
 
 def auto_contrast(image, unused_arg=None):
   """`ImageOps.autocontrast`: per channel, stretch [min, max] to [0, 255].
 
-  PIL builds `int(ix * scale + offset)` in Python floats (float64), so we do too.
+  PIL builds its table as `int(ix * scale + offset)` in Python floats (float64); we evaluate
+  the same expression per pixel.
   """
-  return _point(_auto_contrast_kernel, image)
+  return _run(_auto_contrast_kernel, image)
 
 
 def _equalize_kernel(image, unused_arg):
@@ -238,7 +231,7 @@ def _equalize_kernel(image, unused_arg):
   below = tf.cumsum(hist, axis=1, exclusive=True)
   safe_step = tf.maximum(step, 1)[:, None]
   lut = tf.minimum((safe_step // 2 + below) // safe_step, 255)
-  return tf.where(step[:, None] > 0, lut, _levels())
+  return tf.cast(tf.where(step[:, None] > 0, lut, _levels()), tf.uint8)
 
 
 def equalize(image, unused_arg=None):
@@ -246,23 +239,26 @@ def equalize(image, unused_arg=None):
 
   PIL: step = (pixels - count of the brightest present value) // 255; if step is 0 the
   channel is unchanged, else lut[i] = (step // 2 + #pixels below i) // step (stored clipped
-  to 255).
+  to 255). Two compiled calls, table then lookup: fused into one, XLA would recompute the
+  table for every pixel it looks up.
   """
-  return _point(_equalize_kernel, image)
+  image = tf.convert_to_tensor(image)
+  return _compiled(_lookup_kernel)(image, _run(_equalize_kernel, image))
 
 
 def _invert_kernel(image, unused_arg):
-  return 255 - _levels()
+  return 255 - image
 
 
 def invert(image, unused_arg=None):
   """`ImageOps.invert`."""
-  return _point(_invert_kernel, image)
+  return _run(_invert_kernel, image)
 
 
 def _posterize_kernel(image, bits):
   shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-  return tf.bitwise.left_shift(tf.bitwise.right_shift(_levels(), shift), shift)
+  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(tf.cast(image, tf.int32), shift),
+                                       shift), tf.uint8)
 
 
 def posterize(image, bits):
@@ -271,28 +267,27 @@ def posterize(image, bits):
   0 bits (PosterizeIncreasing at magnitude 10) gives black, as Pillow did when DeiT was
   trained; Pillow >= 10 raises on 0 bits instead. bits >= 8 is the identity (timm skips it).
   """
-  return _point(_posterize_kernel, image, bits)
+  return _run(_posterize_kernel, image, bits)
 
 
 def _solarize_kernel(image, threshold):
-  levels = _levels()
-  return tf.where(levels >= tf.cast(threshold, tf.int32), 255 - levels, levels)
+  return tf.where(tf.cast(image, tf.int32) >= tf.cast(threshold, tf.int32), 255 - image, image)
 
 
 def solarize(image, threshold):
   """`ImageOps.solarize`: invert every value >= threshold (256 -> no-op)."""
-  return _point(_solarize_kernel, image, threshold)
+  return _run(_solarize_kernel, image, threshold)
 
 
 def _solarize_add_kernel(image, add, threshold):
-  levels = _levels()
-  added = tf.minimum(levels + tf.cast(add, tf.int32), 255)
-  return tf.where(levels < threshold, added, levels)
+  levels = tf.cast(image, tf.int32)
+  added = tf.cast(tf.minimum(levels + tf.cast(add, tf.int32), 255), tf.uint8)
+  return tf.where(levels < threshold, added, image)
 
 
 def solarize_add(image, add, threshold=128):
   """timm's `solarize_add`: values below `threshold` get `+add`, saturating at 255."""
-  return _point(_solarize_add_kernel, image, add, int(threshold))
+  return _run(_solarize_add_kernel, image, add, int(threshold))
 
 
 def _color_kernel(image, factor):
@@ -308,9 +303,7 @@ def color(image, factor):
 def _contrast_kernel(image, factor):
   gray = tf.cast(_grayscale(image), tf.float64)
   mean = tf.floor(tf.reduce_mean(gray) + 0.5)
-  # Every pixel blends with the same value, so the blend is a table over the 256 levels.
-  zero = _opaque_zero(image, tf.float32)
-  return _blend(tf.fill([256], tf.cast(mean, tf.float32)), _levels(), factor, zero)
+  return _blend(tf.cast(mean, tf.float32), image, factor, _opaque_zero(image, tf.float32))
 
 
 def contrast(image, factor):
@@ -319,16 +312,16 @@ def contrast(image, factor):
   The mean is the REAL mean of this image's grayscale (rounded half up, as PIL's
   `int(mean + 0.5)`); several TF ports use a histogram trick that is off for large images.
   """
-  return _point(_contrast_kernel, image, factor)
+  return _run(_contrast_kernel, image, factor)
 
 
 def _brightness_kernel(image, factor):
-  return _blend(tf.zeros([256]), _levels(), factor, _opaque_zero(image, tf.float32))
+  return _blend(0., image, factor, _opaque_zero(image, tf.float32))
 
 
 def brightness(image, factor):
   """`ImageEnhance.Brightness`: blend with black."""
-  return _point(_brightness_kernel, image, factor)
+  return _run(_brightness_kernel, image, factor)
 
 
 def _smooth_interior(image):
