@@ -337,21 +337,26 @@ def _smooth_interior(image):
   return tf.cast((2 * total + 13) // 26, tf.uint8)
 
 
-def _sharpness_kernel(image, factor):
+def _sharpness_interior_kernel(image, factor):
+  # The border blends with itself, which leaves it unchanged: blend the interior only.
+  return _blend(_smooth_interior(image), image[1:-1, 1:-1], factor,
+                _opaque_zero(image, tf.float32))
+
+
+def _put_interior_kernel(image, interior):
   h, w = image.shape[0], image.shape[1]  # static inside the compiled kernel
   if h < 3 or w < 3:
     return image  # no interior: PIL's SMOOTH returns the image unchanged
-  # The border blends with itself, which leaves it unchanged: blend the interior only and
-  # write it back in place (a concat along W would keep XLA from vectorising).
-  interior = _blend(_smooth_interior(image), image[1:-1, 1:-1], factor,
-                    _opaque_zero(image, tf.float32))
   return tf.raw_ops.TensorStridedSliceUpdate(
       input=image, begin=[1, 1, 0], end=[h - 1, w - 1, 3], strides=[1, 1, 1], value=interior)
 
 
 def sharpness(image, factor):
   """`ImageEnhance.Sharpness`: blend with the SMOOTH-filtered image (0 = smoothed)."""
-  return _run(_sharpness_kernel, image, factor)
+  image = tf.convert_to_tensor(image)
+  # Two kernels: XLA runs the blend and the write-back much slower fused into one.
+  interior = _run(_sharpness_interior_kernel, image, factor)
+  return _compiled(_put_interior_kernel)(image, interior)
 
 
 def _interpolate(taps, frac, interpolation, zero):
