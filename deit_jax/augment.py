@@ -811,7 +811,7 @@ def _bilinear_filter(x, unused_zero):
 _RESIZE_FILTERS = {"bicubic": (2., _bicubic_filter), "bilinear": (1., _bilinear_filter)}
 # Outputs per weight block: each block of outputs reads one contiguous window of inputs, so a
 # resize pass is one batched matmul of [blocks, _RESIZE_BLOCK, window] weights.
-_RESIZE_BLOCK = 16
+_RESIZE_BLOCK = 8
 # The transposed pass runs on rows padded to a multiple of this, so the matmul shapes repeat
 # from image to image (oneDNN caches one kernel per shape).
 _RESIZE_ROW_ALIGN = 16
