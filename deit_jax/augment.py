@@ -11,26 +11,33 @@ ThreeAugment instead (crop, flip, one of grayscale/solarize/blur, color jitter, 
 RandAugment, no RandomErasing), as the official `main.py` replaces the timm transform with it.
 
 Every random choice comes from the `seed` argument (shape [2], int32/int64) through
-`tf.random.stateless_*`, so a given (image, seed) always gives the same output; each stage
-gets its own seed by `stateless_fold_in(seed, stage)`.
+`tf.random.stateless_*`, so a given (image, seed) always gives the same output. The train
+transform draws all its uniform numbers in one op and hands each stage a fixed share of them
+(`_train_draws`), so the stages stay independent; the erasing noise is a separate draw.
 
-The RandAugment ops reproduce PIL's uint8 arithmetic (LUTs, `Image.blend`'s float32
-truncation, the `ImageFilter.SMOOTH` rounding, `Image.transform`'s bicubic with a = -1, its
-double arithmetic and fill rule): all 15 ops give PIL's exact bytes in the tests (the affine
-ones compute in float64 like PIL, so a different summation order could in principle flip a
-rare +-1). Documented differences from the PIL pipeline:
-  * resizes (RandomResizedCrop, eval) use TF's antialiased `ScaleAndTranslate` (what
-    `tf.image.resize(antialias=True)` runs), the same kernels as PIL's resize but in float
-    instead of PIL's fixed point: mean |diff| ~0.2 grey levels, max a few levels.
+Exactness against the PIL pipeline (checked in tests/test_augment.py):
+  * the resize (RandomResizedCrop, eval) is PIL's: horizontal then vertical pass, each output
+    a kernel with support scaled by the downscale factor, PIL's 22-bit fixed-point weights,
+    rounding to uint8 between the passes. Bicubic matches PIL except a rare +-1 (~1e-5 of
+    values) where the float32 sum and PIL's integer sum round a value on a half level apart;
+    bilinear's simple weights hit half levels more often (up to a few % of values +-1).
+  * the 15 RandAugment ops give PIL's exact bytes: uint8 LUT arithmetic, `Image.blend`'s
+    float32 rounding, `ImageFilter.SMOOTH`, `Image.transform`'s bicubic with a = -1 in
+    double, its clamping and fill rule, and `ImageOps.equalize`/`autocontrast` tables.
+  * normalize is torch's float32 (v / 255 - mean) / std, bit for bit.
+Documented differences:
   * ThreeAugment's blur is a true Gaussian (sigma = radius); PIL approximates it with three
     box blurs.
   * posterize to 0 bits gives black (Pillow of DeiT's time); Pillow >= 10 raises instead.
+  * the random numbers are TF's, not Python's/torch's: same distributions, other draws.
 
-Speed: the per-pixel work that is exact under XLA (table lookups, geometric warps,
-normalization) runs as small XLA-compiled functions (compiled once per image shape);
-the blends (`Image.blend`) stay op-by-op, since XLA's CPU backend fuses their multiply-add
-into an FMA and would change PIL's float32 rounding. `decode_and_train_transform` decodes
-only the crop box of a JPEG.
+Speed (one CPU core, see benchmarks/input_throughput.py): every per-pixel step runs as a
+small XLA-compiled kernel (compiled once per image shape, cached), because hundreds of small
+TF ops would cost more than the work; XLA's CPU backend fuses a multiply feeding an add into
+an FMA, which would change PIL's rounding, so products that PIL rounds pass through `_mul`.
+The resize, whose input size changes with every crop, is two batched matmuls over blocks of
+outputs (its weights come from one XLA kernel per window size). `decode_and_train_transform`
+decodes only the crop box of a JPEG.
 """
 import dataclasses
 import functools

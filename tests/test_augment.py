@@ -390,6 +390,29 @@ def test_train_transform_shape_dtype_and_determinism():
   np.testing.assert_array_equal(first, next(iter(dataset)))
 
 
+def test_default_train_transform_is_deterministic_in_parallel_tf_data():
+  # The default (224 px, RandAugment, erasing) config, run twice through a parallel map: the
+  # same (image, seed) always gives the same bits, and different seeds differ.
+  cfg = augment.default_augment_config()
+  image = tf.constant(_photo(150, 200, seed=3))
+
+  def run():
+    dataset = tf.data.Dataset.range(6).map(
+        lambda i: augment.train_transform(image, tf.stack([i // 3, i % 3]), cfg),
+        num_parallel_calls=3, deterministic=True)
+    return np.stack([x.numpy() for x in dataset])
+
+  first, second = run(), run()
+  assert first.shape == (6, 224, 224, 3)
+  np.testing.assert_array_equal(first, second)
+  assert all(not np.array_equal(first[i], first[j]) for i in range(6) for j in range(i))
+
+
+def test_resize_needs_a_static_output_size():
+  with pytest.raises(ValueError, match="window of static size"):
+    tf.function(lambda s: augment.resize(_photo(20, 30), s))(tf.constant([10, 10]))
+
+
 def test_train_transform_normalizes_like_totensor():
   cfg = _small_config(auto_augment="", color_jitter=0., reprob=0., scale=(1., 1.),
                       ratio=(W / H, W / H), hflip=0.)
