@@ -823,9 +823,10 @@ _RESIZE_BLOCK = 8
 # from image to image (oneDNN caches one kernel per shape).
 _RESIZE_ROW_ALIGN = 16
 # Static window sizes the weight kernel is compiled for (the smallest that fits is used, then
-# sliced to the real window): steps of 8, then x1.5, far past any image.
-_RESIZE_WINDOW_CAPS = tuple(range(8, 65, 8)) + tuple(
-    int(64 * 1.5**k) // 8 * 8 for k in range(1, 35))
+# sliced to the real window): 32 covers downscales up to ~2.4x, 128 up to ~10x; larger ones
+# run the same kernel op by op. Few of them: every new tf.data iterator instantiates each
+# compiled one (~15 ms apiece).
+_RESIZE_WINDOW_CAPS = (32, 128)
 
 
 def _resize_weights_kernel(params, num_outputs, window_cap, interpolation):
@@ -840,7 +841,8 @@ def _resize_weights_kernel(params, num_outputs, window_cap, interpolation):
 
   Returns float32 weights [2, blocks, _RESIZE_BLOCK, window_cap], int32 input rows
   [2, blocks, window_cap] (block b's contiguous window, clamped inside the input) and the
-  window actually needed (the rest has zero weights).
+  window actually needed (the rest has zero weights). window_cap=None: the window itself
+  (a dynamic shape, for running op by op).
   """
   support, kernel = _RESIZE_FILTERS[interpolation]
   block = _RESIZE_BLOCK
@@ -862,7 +864,7 @@ def _resize_weights_kernel(params, num_outputs, window_cap, interpolation):
   lo = tf.reduce_min(xmin, axis=2, keepdims=True)  # [2, blocks, 1, 1]
   window = tf.maximum(tf.reduce_max(tf.reduce_max(xmax, axis=2, keepdims=True) - lo), 1)
   first = tf.maximum(tf.minimum(lo, in_sizes[:, :, None, None] - window), 0)
-  x = first + tf.range(window_cap)  # [2, blocks, 1, window_cap]
+  x = first + tf.range(window if window_cap is None else window_cap)  # [2, blocks, 1, cap]
   taps = _mul(tf.cast(x, tf.float64) - center + 0.5, (1. / filterscale)[:, :, None, None], zero)
   weights = tf.where((x >= xmin) & (x < xmax), kernel(taps, zero), 0.)
   weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=3, keepdims=True))
@@ -880,17 +882,22 @@ def _compiled_resize_weights(num_outputs, window_cap, interpolation):
 
 
 def _resize_weights(in_sizes, out_sizes, starts, counts, flip, num_outputs, interpolation):
-  """`_resize_weights_kernel`, XLA-compiled for the smallest window cap that fits (a few
-  dozen small ops run op by op would cost more than the matmuls), sliced to the window."""
+  """`_resize_weights_kernel`, XLA-compiled for the smallest window cap that fits (its few
+  dozen small ops, run op by op, would cost as much as the matmuls), sliced to the window."""
   params = tf.stack([in_sizes, out_sizes, starts, counts, tf.cast(flip, tf.int32)])
   # A block of outputs spans block * scale inputs plus the kernel's support on both sides.
   scale = tf.reduce_max(tf.cast(in_sizes, tf.float64) / tf.cast(out_sizes, tf.float64))
   support = _RESIZE_FILTERS[interpolation][0] * tf.maximum(scale, 1.)
   bound = tf.cast(tf.math.ceil(_RESIZE_BLOCK * scale + 2. * support), tf.int32) + 3
-  index = tf.reduce_sum(tf.cast(tf.constant(_RESIZE_WINDOW_CAPS) < bound, tf.int32))
-  weights, rows, window = tf.switch_case(index, [
-      functools.partial(_compiled_resize_weights(num_outputs, cap, interpolation), params)
-      for cap in _RESIZE_WINDOW_CAPS])
+
+  def weights_for(caps):
+    if not caps:  # past the compiled caps: the same kernel, op by op
+      return lambda: _resize_weights_kernel(params, num_outputs, None, interpolation)
+    compiled = _compiled_resize_weights(num_outputs, caps[0], interpolation)
+    # Nested conds, not one switch: a branch is only instantiated once it runs.
+    return lambda: tf.cond(bound <= caps[0], lambda: compiled(params), weights_for(caps[1:]))
+
+  weights, rows, window = weights_for(_RESIZE_WINDOW_CAPS)()
   return weights[..., :window], rows[..., :window]
 
 

@@ -266,10 +266,11 @@ def _photo(height, width, seed=0):
   return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-# (input h, w) -> output (h, w): down, up, mixed, one-pixel and very thin inputs.
+# (input h, w) -> output (h, w): down (by up to 7x, and 37x: past the compiled weight
+# windows), up, mixed, one-pixel and very thin inputs.
 RESIZE_CASES = [((300, 400), (224, 224)), ((375, 500), (60, 70)), ((100, 150), (224, 224)),
                 ((37, 29), (256, 301)), ((130, 500), (224, 224)), ((20, 300), (50, 70)),
-                ((1, 1), (5, 3)), ((224, 224), (224, 224))]
+                ((30, 1500), (20, 40)), ((1, 1), (5, 3)), ((224, 224), (224, 224))]
 
 
 @pytest.mark.parametrize("in_shape,size", RESIZE_CASES)
