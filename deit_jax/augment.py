@@ -18,8 +18,8 @@ transform draws all its uniform numbers in one op and hands each stage a fixed s
 Exactness against the PIL pipeline (checked in tests/test_augment.py):
   * the resize (RandomResizedCrop, eval) is PIL's: horizontal then vertical pass, each output
     a kernel with support scaled by the downscale factor, PIL's 22-bit fixed-point weights,
-    rounding to uint8 between the passes. Bicubic matches PIL except a rare +-1 (~1e-5 of
-    values) where the float32 sum and PIL's integer sum round a value on a half level apart;
+    rounding to uint8 between the passes. Bicubic matches PIL except a rare +-1 (a few in
+    1e5 values) where the float32 sum and PIL's integer sum round a value on a half level apart;
     bilinear's simple weights hit half levels more often (up to a few % of values +-1).
   * the 15 RandAugment ops give PIL's exact bytes: uint8 LUT arithmetic, `Image.blend`'s
     float32 rounding, `ImageFilter.SMOOTH`, `Image.transform`'s bicubic with a = -1 in
@@ -31,13 +31,13 @@ Documented differences:
   * posterize to 0 bits gives black (Pillow of DeiT's time); Pillow >= 10 raises instead.
   * the random numbers are TF's, not Python's/torch's: same distributions, other draws.
 
-Speed (one CPU core, see benchmarks/input_throughput.py): every per-pixel step runs as a
-small XLA-compiled kernel (compiled once per image shape, cached), because hundreds of small
-TF ops would cost more than the work; XLA's CPU backend fuses a multiply feeding an add into
-an FMA, which would change PIL's rounding, so products that PIL rounds pass through `_mul`.
-The resize, whose input size changes with every crop, is two batched matmuls over blocks of
-outputs (its weights come from one XLA kernel per window size). `decode_and_train_transform`
-decodes only the crop box of a JPEG.
+Speed (one CPU core, see benchmarks/input_throughput.py): the RandAugment ops, normalize
+and the resize weights run as small XLA-compiled kernels (compiled once per shape, cached),
+because dozens of small TF ops would cost more than the work; XLA's CPU backend fuses a
+multiply feeding an add into an FMA, which would change PIL's rounding, so products that PIL
+rounds pass through `_mul`. The resize itself, whose input size changes with every crop, is
+two batched matmuls over blocks of outputs. `decode_and_train_transform` decodes only the
+crop box of a JPEG.
 """
 import dataclasses
 import functools
