@@ -266,6 +266,10 @@ class FolderSource(Source):
     self._paths_t = tf.constant(self.paths)
     self._labels_t = tf.constant(self.labels)
 
+  def get_encoded(self, index):
+    """(encoded file bytes, label): lets the train transform decode only the crop."""
+    return tf.io.read_file(tf.gather(self._paths_t, index)), tf.gather(self._labels_t, index)
+
   def get(self, index):
     data = tf.io.read_file(tf.gather(self._paths_t, index))
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -352,10 +356,20 @@ class TfdsSource(Source):
     self._features, self._image_key, self._label_key = features, image_key, label_key
     self._gray = channels == 1
 
-  def get(self, index):
+  def _record(self, index):
     record = tf.numpy_function(lambda i: self._records[int(i)], [index], tf.string, stateful=False)
     record.set_shape([])
-    example = self._features.deserialize_example(record)
+    return record
+
+  def get_encoded(self, index):
+    """(encoded image bytes, label): lets the train transform decode only the crop."""
+    import tensorflow_datasets as tfds
+    example = self._features.deserialize_example(
+        self._record(index), decoders={self._image_key: tfds.decode.SkipDecoding()})
+    return example[self._image_key], tf.cast(example[self._label_key], tf.int32)
+
+  def get(self, index):
+    example = self._features.deserialize_example(self._record(index))
     image = tf.cast(example[self._image_key], tf.uint8)
     if self._gray:
       image = tf.image.grayscale_to_rgb(image)
@@ -616,9 +630,13 @@ def train_iterator(source: Source, cfg: ml_collections.ConfigDict, *, global_bat
                                                tf.ensure_shape(step, [None])))
 
   def load(index, aug_seed, step):
-    image, label = source.get(index)
-    return {"image": augment.train_transform(image, aug_seed, cfg), "label": label,
-            "index": index, "step": step}
+    if hasattr(source, "get_encoded"):  # files: decode only the crop (same crop, same draws)
+      data, label = source.get_encoded(index)
+      image = augment.decode_and_train_transform(data, aug_seed, cfg)
+    else:  # in-memory arrays are already decoded
+      image, label = source.get(index)
+      image = augment.train_transform(image, aug_seed, cfg)
+    return {"image": image, "label": label, "index": index, "step": step}
 
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_dataset)  # Endless.
   ds = ds.map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
