@@ -75,7 +75,6 @@ class Teacher:
     pure = checkpoint.unflatten(flat)
     self.shardings = sharding.tree_shardings(pure, mesh, rules)
     self.params = jax.device_put(pure, self.shardings)
-    self.num_classes = None
 
   def logits(self, params, images):
     x = images.astype(jnp.float32)
