@@ -55,6 +55,11 @@ def weights_checksum(flat: dict[str, Any]) -> str:
   return h.hexdigest()
 
 
+def model_checksum(model: nnx.Module) -> str:
+  """`weights_checksum` of all of a model's variables (parameters and BatchNorm statistics)."""
+  return weights_checksum(checkpoint.flatten(nnx.to_pure_dict(nnx.state(model))))
+
+
 class Teacher:
   """A frozen teacher: `logits(params, images)` is pure and runs inside the jitted step."""
 
@@ -62,8 +67,7 @@ class Teacher:
                img_size: int | None, mean, std, mesh, rules):
     model.eval()
     self.graphdef, state = nnx.split(model)
-    flat = checkpoint.flatten(nnx.to_pure_dict(state))
-    self.checksum = weights_checksum(flat)
+    self.checksum = model_checksum(model)
     self.img_size = img_size or student_img_size
     self._resize = self.img_size != student_img_size
     # Undo the student's normalization and apply the teacher's, only if they differ.
@@ -72,7 +76,7 @@ class Teacher:
     self._renorm = None
     if not (np.allclose(s_mean, t_mean) and np.allclose(s_std, t_std)):
       self._renorm = (s_std / t_std, (s_mean - t_mean) / t_std)
-    pure = checkpoint.unflatten(flat)
+    pure = checkpoint.unflatten(checkpoint.flatten(nnx.to_pure_dict(state)))
     self.shardings = sharding.tree_shardings(pure, mesh, rules)
     self.params = jax.device_put(pure, self.shardings)
 

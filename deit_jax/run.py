@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deit_jax import checkpoint, data, evaluation, models, sharding, train
+from deit_jax import checkpoint, evaluation, models, sharding, train
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str | None = None):
@@ -47,9 +47,7 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[st
     config.aug.input_size = model.config.img_size  # the eval transform follows the checkpoint
   size = config.aug.input_size
   num_classes = jax.eval_shape(lambda: model(jnp.zeros((1, size, size, 3)))).shape[-1]
-  eval_data = ml_collections.ConfigDict(config.data.to_dict())
-  eval_data.split = config.data.eval_split
-  source = data.build_source(eval_data)
+  source = train.build_eval_source(config)
   if source.num_classes != num_classes:
     raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
                      f"{num_classes}.")

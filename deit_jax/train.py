@@ -135,6 +135,13 @@ def validate_config(config, num_devices: int) -> None:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be in (0, 1) (0 turns EMA off).")
 
 
+def build_eval_source(config) -> data.Source:
+  """The source of `config.data`, on its `eval_split`."""
+  eval_data = ml_collections.ConfigDict(config.data.to_dict())
+  eval_data.split = config.data.eval_split
+  return data.build_source(eval_data)
+
+
 def make_plan(config, num_devices: int, num_train: int, num_eval: int, num_classes: int) -> Plan:
   if num_classes != config.data.num_classes:
     raise ConfigError(f"The training data has {num_classes} classes but config.data.num_classes="
@@ -456,7 +463,7 @@ def open_precomputed_store(config, plan: Plan):
   sha = None
   if config.teacher.checkpoint:  # verify the store was made by this teacher
     teacher = checkpoint.load_model(config.teacher.checkpoint)
-    sha = distill.weights_checksum(checkpoint.flatten(nnx.to_pure_dict(nnx.state(teacher))))
+    sha = distill.model_checksum(teacher)
   expected = precompute.expected_fingerprint(config, plan, sha)
   try:
     return distill.PrecomputedTeacher(config.teacher.precomputed_dir, expected, plan.total_steps)
@@ -493,9 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- Input ---------------------------------------------------------------------------------
   train_source = data.build_source(config.data)
-  eval_data = ml_collections.ConfigDict(config.data.to_dict())
-  eval_data.split = config.data.eval_split
-  eval_source = data.build_source(eval_data)
+  eval_source = build_eval_source(config)
   plan = make_plan(config, num_devices, train_source.num_examples, eval_source.num_examples,
                    train_source.num_classes)
 
