@@ -14,7 +14,7 @@ import demo  # noqa: E402
 def get_config():
   c = demo.get_config()  # same data and input size as the student
   c.model = "regnety_002"
-  c.model_kw = {"dtype": "float32"}
+  c.model_kw = {"dtype": "float32", "conv_impl": ""}  # '' = per platform (deit_jax.conv)
   c.aug.reprob = 0.0
   c.aug.num_repeats = 1
   c.mixup.prob = 0.0

@@ -58,7 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
       "top_k": 10, "store_dtype": "float16",
       "precompute_epochs": FieldReference(None, field_type=int),
       "img_size": FieldReference(None, field_type=int),  # default: the student's resolution
-      "mean": augment.IMAGENET_MEAN, "std": augment.IMAGENET_STD})
+      "mean": augment.IMAGENET_MEAN, "std": augment.IMAGENET_STD,
+      # A CNN teacher's convolutions: 'xla' | 'dense' | '' (per platform: 'dense' on CPU,
+      # 'xla' = cuDNN on GPU); see deit_jax.conv.
+      "conv_impl": ""})
 
   c.init_checkpoint = ""  # start from these weights (fine-tuning); pos_embed resized
   c.init_skip_head = False  # drop head weights when fine-tuning to a new class count

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deit_jax import checkpoint, sharding
+from deit_jax import checkpoint, conv, sharding
 
 SOURCES = ("model", "precomputed")
 
@@ -31,6 +31,10 @@ class TeacherError(ValueError):
 def validate_teacher_config(teacher_cfg, kind: str) -> None:
   if teacher_cfg.source not in SOURCES:
     raise TeacherError(f"config.teacher.source={teacher_cfg.source!r}; use one of {SOURCES}.")
+  try:
+    conv.check_impl(teacher_cfg.get("conv_impl"))
+  except ValueError as e:
+    raise TeacherError(f"config.teacher.{e}") from e
   if teacher_cfg.source == "model" and not teacher_cfg.checkpoint:
     raise TeacherError(
         f"config.distillation.kind={kind!r} needs a teacher: set --config.teacher.checkpoint to "
@@ -99,6 +103,8 @@ def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
     model = checkpoint.load_model(tcfg.checkpoint)
   except (FileNotFoundError, checkpoint.CheckpointError) as e:
     raise TeacherError(f"Cannot load the teacher from {tcfg.checkpoint}: {e}") from e
+  if tcfg.get("conv_impl"):
+    conv.set_conv_impl(model, tcfg.conv_impl)
   probe_size = tcfg.img_size or config.aug.input_size
   out = jax.eval_shape(lambda: model(jnp.zeros((1, probe_size, probe_size, 3))))
   if out.shape[-1] != num_classes:

@@ -9,8 +9,9 @@ state dict loads with `load_torch_state_dict` and gives the same logits (to floa
   load_torch_state_dict(model, "regnety_160", state_dict)
   logits = model(images_nhwc)                # [B, num_classes], float32
 
-Layout is NHWC. Parameters are float32; `dtype` sets the compute dtype of convolutions and the
-classifier (bfloat16 for speed). BatchNorm, pooling and the SE gate compute in float32: with
+Layout is NHWC. Convolutions run as matrix products on CPU and through XLA's (cuDNN's) kernels
+elsewhere (`conv_impl`, see `deit_jax.conv`). Parameters are float32; `dtype` sets the compute
+dtype of convolutions and the classifier (bfloat16 for speed). BatchNorm, pooling and the SE gate compute in float32: with
 BatchNorm in bfloat16 too, the logits of a random-weight regnety_160 moved 11% (relative L2) from
 PyTorch's float32 ones instead of 7%.
 
@@ -36,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from deit_jax import conv
 
 # PyTorch BatchNorm2d defaults. Flax's momentum weighs the old running value, PyTorch's the new one.
 BN_EPSILON = 1e-5
@@ -63,13 +66,12 @@ def _torch_linear_init(fan_in: int) -> Callable:
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, groups: int = 1,
-          use_bias: bool = False, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+          use_bias: bool = False, dtype: Any, rngs: nnx.Rngs) -> conv.Conv:
   # PyTorch pads symmetrically, ((stride - 1) + (kernel - 1)) // 2 per side (timm's get_padding).
   # 'SAME' would pad (0, 1) for a stride-2 3x3 conv on an even input and shift every feature map.
   pad = ((stride - 1) + (kernel - 1)) // 2
-  return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                  feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                  param_dtype=jnp.float32, kernel_init=_conv_init(groups), rngs=rngs)
+  return conv.Conv(in_ch, out_ch, kernel, stride=stride, padding=pad, groups=groups,
+                   use_bias=use_bias, dtype=dtype, kernel_init=_conv_init(groups), rngs=rngs)
 
 
 def _batch_norm(ch: int, *, zero_scale: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -247,7 +249,7 @@ class RegNet(nnx.Module):
   RegBottleneck blocks (each stage halves the resolution), global average pool, Linear."""
 
   def __init__(self, cfg: RegNetCfg, num_classes: int = 1000, *, in_chans: int = 3,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, conv_impl: str | None = None, rngs: nnx.Rngs):
     dtype = _compute_dtype(dtype)
     self.cfg = cfg
     self.in_chans = in_chans
@@ -261,6 +263,7 @@ class RegNet(nnx.Module):
       in_ch = spec.width
     self.num_features = in_ch
     self.head = ClassifierHead(in_ch, num_classes, dtype=dtype, rngs=rngs)
+    conv.set_conv_impl(self, conv_impl)
 
   def __call__(self, x):
     _check_input(x, self.in_chans)
@@ -343,7 +346,7 @@ class ResNet(nnx.Module):
   """timm's ResNet (default stem, no SE, no anti-aliasing): keys conv1, bn1, layerN.i.*, fc."""
 
   def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, *, in_chans: int = 3,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               dtype: Any = jnp.float32, conv_impl: str | None = None, rngs: nnx.Rngs):
     dtype = _compute_dtype(dtype)
     self.cfg = cfg
     self.in_chans = in_chans
@@ -365,6 +368,7 @@ class ResNet(nnx.Module):
     self.fc = nnx.Linear(in_ch, num_classes, dtype=dtype, param_dtype=jnp.float32,
                          kernel_init=_torch_linear_init(in_ch), bias_init=_torch_linear_init(in_ch),
                          rngs=rngs)
+    conv.set_conv_impl(self, conv_impl)
 
   def __call__(self, x):
     _check_input(x, self.in_chans)
@@ -409,14 +413,15 @@ RESNET_CFGS: dict[str, ResNetCfg] = {
 
 
 def _constructor(model_cls, cfg) -> Callable[..., nnx.Module]:
-  def build(num_classes: int = 1000, *, dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
-    return model_cls(cfg, num_classes, dtype=dtype, rngs=rngs)
+  def build(num_classes: int = 1000, *, dtype: Any = jnp.float32, conv_impl: str | None = None,
+            rngs: nnx.Rngs) -> nnx.Module:
+    return model_cls(cfg, num_classes, dtype=dtype, conv_impl=conv_impl, rngs=rngs)
   build.__doc__ = f"{model_cls.__name__}({cfg})"
   return build
 
 
-# name -> constructor(num_classes=1000, *, dtype=jnp.float32, rngs). Constructors return the
-# module in NNX's default (train) mode; `create_teacher` returns it in eval mode.
+# name -> constructor(num_classes=1000, *, dtype=jnp.float32, conv_impl=None, rngs). Constructors
+# return the module in NNX's default (train) mode; `create_teacher` returns it in eval mode.
 TEACHERS: dict[str, Callable[..., nnx.Module]] = {
     **{name: _constructor(RegNet, cfg) for name, cfg in REGNET_CFGS.items()},
     **{name: _constructor(ResNet, cfg) for name, cfg in RESNET_CFGS.items()},
@@ -429,10 +434,11 @@ def _check_name(name: str):
 
 
 def create_teacher(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
-                   seed: int = 0) -> nnx.Module:
-  """Teacher `name`, randomly initialised as timm does, in eval mode (`.train()` to train)."""
+                   seed: int = 0, conv_impl: str | None = None) -> nnx.Module:
+  """Teacher `name`, randomly initialised as timm does, in eval mode (`.train()` to train).
+  conv_impl: 'xla' | 'dense' | None (per platform), see deit_jax.conv."""
   _check_name(name)
-  model = TEACHERS[name](num_classes, dtype=dtype, rngs=nnx.Rngs(seed))
+  model = TEACHERS[name](num_classes, dtype=dtype, conv_impl=conv_impl, rngs=nnx.Rngs(seed))
   model.eval()
   return model
 
@@ -465,13 +471,14 @@ def describe(model: nnx.Module) -> dict:
 def build(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.Module:
   """The teacher `describe` described, in eval mode; abstract (shapes only) if `abstract`.
 
-  overrides: num_classes, dtype ('float32' / 'bfloat16'); img_size is accepted and has no effect,
-  since a CNN teacher takes any resolution (DeiT feeds it the student's).
+  overrides: num_classes, dtype ('float32' / 'bfloat16'), conv_impl (deit_jax.conv; not part of
+  the description: an execution choice); img_size is accepted and has no effect, since a CNN
+  teacher takes any resolution (DeiT feeds it the student's).
   """
-  unknown = set(overrides) - {"num_classes", "dtype", "img_size"}
+  unknown = set(overrides) - {"num_classes", "dtype", "img_size", "conv_impl"}
   if unknown:
     raise ValueError(f"A CNN teacher cannot override {sorted(unknown)}; it accepts num_classes, "
-                     "dtype and img_size (ignored: any resolution works).")
+                     "dtype, conv_impl and img_size (ignored: any resolution works).")
   kind, cfg = description.get("kind"), dict(description.get("config") or {})
   if kind == "regnet":
     model_cls, cfg = RegNet, RegNetCfg(**cfg)
@@ -483,7 +490,7 @@ def build(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.M
   num_classes = overrides.get("num_classes", description.get("num_classes", 1000))
   dtype = overrides.get("dtype", description.get("dtype", "float32"))
   make = lambda: model_cls(cfg, num_classes, in_chans=description.get("in_chans", 3),
-                           dtype=dtype, rngs=nnx.Rngs(0))
+                           dtype=dtype, conv_impl=overrides.get("conv_impl"), rngs=nnx.Rngs(0))
   model = nnx.eval_shape(make) if abstract else make()
   model.eval()
   return model

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from deit_jax import checkpoint, data, distill, evaluation, losses, mixup, models, sharding
+from deit_jax import checkpoint, conv, data, distill, evaluation, losses, mixup, models, sharding
 from deit_jax import teachers
 
 TRAIN_STATE_ITEM = "train_state"
@@ -84,6 +84,10 @@ def validate_config(config, num_devices: int) -> None:
                         "set --config.distillation.kind=none.")
     if config.init_checkpoint:
       raise ConfigError("config.init_checkpoint (fine-tuning) is for DeiT models.")
+    try:
+      conv.check_impl(config.model_kw.get("conv_impl"))
+    except ValueError as e:
+      raise ConfigError(f"config.model_kw.{e}") from e
     cfg = None
   else:
     try:
@@ -385,7 +389,7 @@ def model_constructor(config) -> Callable[[], nnx.Module]:
   if is_cnn(config):
     return lambda: teachers.TEACHERS[config.model](
         config.data.num_classes, dtype=jnp.dtype(config.model_kw.dtype),
-        rngs=nnx.Rngs(config.seed))
+        conv_impl=config.model_kw.get("conv_impl") or None, rngs=nnx.Rngs(config.seed))
   cfg = models.model_config(config.model, **model_overrides(config))
   return lambda: models.DeiT(cfg, rngs=nnx.Rngs(config.seed))
 

@@ -179,6 +179,8 @@ def test_workdir_of_another_model_is_refused(full_run):
     ({"distillation.kind": "kl"}, "kind"),
     ({"model": "deit_giant"}, "not a DeiT model"),
     ({"sharding.rules": [(".*", "zero3")]}, "unknown rule"),
+    ({"distillation.kind": "soft", "teacher.checkpoint": ROOT, "teacher.conv_impl": "fast"},
+     "teacher.conv_impl='fast'"),
 ])
 def test_bad_configs_fail_before_compiling(overrides, match, tmp_path):
   c = cfg()
