@@ -46,7 +46,8 @@ import re
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
+
+from deit_jax.lazy_tf import tf  # imported on first use
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -44,7 +44,8 @@ Eval stream (`eval_iterator`): the examples in order, padded to whole global bat
 gets rows [p*B/P, (p+1)*B/P) of each, with `mask` 1.0 for real examples and 0.0 for padding, so
 every process runs the same number of batches and every example is counted exactly once.
 
-TensorFlow is only used for tf.data; it is kept off the GPUs on import.
+TensorFlow is only used for tf.data, imported on first use (`deit_jax.lazy_tf`) and kept off the
+GPUs.
 """
 
 from __future__ import annotations
@@ -59,18 +60,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
-try:
-  # JAX owns the accelerators; TF must not allocate GPU memory.
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices (it then has none, or the caller chose).
-  pass
+from deit_jax import augment, lazy_tf
+from deit_jax.lazy_tf import tf  # imported on first use; hides the GPUs from TF
 
-from deit_jax import augment  # noqa: E402  (after hiding the GPUs from TF)
-
-_AUTOTUNE = tf.data.AUTOTUNE
+_AUTOTUNE = -1  # tf.data.AUTOTUNE
 _IMAGE_MAGIC = {
     b"\xff\xd8\xff": "JPEG",
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -309,6 +304,7 @@ class TfdsSource(Source):
   def __init__(self, name: str, split: str = "train", *, data_dir: str | None = None,
                manual_dir: str | None = None, num_classes: int | None = None,
                image_key: str | None = None, label_key: str | None = None):
+    lazy_tf.load()  # TF with the GPUs hidden, before TFDS imports it
     import tensorflow_datasets as tfds  # Imported here: a slow import only TFDS users pay.
     self.name = f"tfds:{name}:{split}"
     try:

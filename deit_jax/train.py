@@ -296,8 +296,8 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    import tensorflow as tf  # tf.summary writes TensorBoard event files
-    self._tf = tf
+    from deit_jax import lazy_tf  # tf.summary writes TensorBoard event files
+    self._tf = lazy_tf.load()
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
