@@ -9,6 +9,10 @@ and for evaluation: resize the shorter side to `int(input_size / crop_pct)` (bic
 crop, normalize. With `three_augment=True` the whole training transform is DeiT III's
 ThreeAugment instead (crop, flip, one of grayscale/solarize/blur, color jitter, normalize; no
 RandAugment, no RandomErasing), as the official `main.py` replaces the timm transform with it.
+`simple_random_crop=True` replaces RandomResizedCrop by DeiT III's simple random crop (`--src`):
+resize the shorter side to the input size (bicubic), pad 4 px by reflection, crop a random
+input_size square (torchvision `Resize(S)` + `RandomCrop(S, padding=4, padding_mode='reflect')`),
+then flip.
 
 Every random choice comes from the `seed` argument (shape [2], int32/int64) through
 `tf.random.stateless_*`, so a given (image, seed) always gives the same output. The train
@@ -83,6 +87,11 @@ def default_augment_config():
       auto_augment="rand-m9-mstd0.5-inc1",
       color_jitter=0.3,
       three_augment=False,
+      # DeiT III's simple random crop instead of RandomResizedCrop (scale/ratio then unused).
+      simple_random_crop=False,
+      # Evaluate at another resolution than input_size (DeiT III: train 192, eval 224); None =
+      # input_size. The trainer resizes the position grid for the eval model.
+      eval_input_size=ml_collections.FieldReference(None, field_type=int),
       reprob=0.25,
       remode="pixel",
       recount=1,
@@ -1011,6 +1020,50 @@ def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3. / 4., 4.
   return resize(crop, [size, size], interpolation)
 
 
+def _shorter_side_to(h, w, size):
+  """torchvision Resize(int): the shorter side becomes `size`, the longer one
+  int(size * long / short) (truncated)."""
+  short, long = tf.minimum(h, w), tf.maximum(h, w)
+  new_long = tf.cast(size * long // short, tf.int32)
+  return tf.where(h <= w, size, new_long), tf.where(h <= w, new_long, size)
+
+
+_SRC_PADDING = 4  # DeiT III's RandomCrop(padding=4, padding_mode='reflect')
+
+
+def _reflect(index, n):
+  """Indices into a length-n axis padded by reflection (numpy/torch 'reflect': no edge repeat)."""
+  index = tf.abs(index)
+  return tf.where(index > n - 1, 2 * (n - 1) - index, index)
+
+
+def _simple_random_crop(image, u, size, interpolation, flip):
+  """`simple_random_crop` with its draws given (u[20], u[21]: top, left, as RandomResizedCrop's)."""
+  shape = tf.shape(image)
+  new_h, new_w = _shorter_side_to(shape[0], shape[1], size)
+  # Offsets of the crop in the resized image; negative or past the end = in the padding.
+  top = _randint(u[20], 0, new_h + 2 * _SRC_PADDING - size + 1) - _SRC_PADDING
+  left = _randint(u[21], 0, new_w + 2 * _SRC_PADDING - size + 1) - _SRC_PADDING
+  # Only a size x size window of the resize is computed; the reflected rows and columns lie in it.
+  win_top = tf.clip_by_value(top, 0, new_h - size)
+  win_left = tf.clip_by_value(left, 0, new_w - size)
+  window = resize(image, tf.stack([new_h, new_w]), interpolation,
+                  window=(win_top, win_left, size, size))
+  rows = _reflect(top + tf.range(size), new_h) - win_top
+  cols = _reflect(left + tf.range(size), new_w) - win_left
+  cols = tf.where(flip, tf.reverse(cols, [0]), cols)
+  return tf.gather(tf.gather(window, rows, axis=0), cols, axis=1)
+
+
+def simple_random_crop(image, seed, size, interpolation="bicubic", hflip=0.5):
+  """DeiT III's simple random crop (uint8 in, uint8 out): torchvision `Resize(size)`,
+  `RandomCrop(size, padding=4, padding_mode='reflect')`, then a horizontal flip with
+  probability `hflip`."""
+  u = _uniforms(seed, _CROP_DRAWS + 1)
+  return _simple_random_crop(tf.convert_to_tensor(image), u, size, interpolation,
+                             u[_CROP_DRAWS] < hflip)
+
+
 def random_horizontal_flip(image, seed, prob=0.5):
   """Mirror left-right with probability `prob` (the train transform folds the flip into the
   resize instead, see `resize(flip=...)`)."""
@@ -1208,6 +1261,8 @@ def check_config(cfg):
     bad("ratio", "must be (min, max) aspect ratios with 0 < min <= max.")
   if cfg.interpolation not in _INTERPOLATIONS:
     bad("interpolation", f"must be one of {_INTERPOLATIONS}.")
+  if cfg.get("eval_input_size") is not None and int(cfg.eval_input_size) <= 0:
+    bad("eval_input_size", "must be a positive int (or None: input_size).")
   if not 0 <= cfg.hflip <= 1:
     bad("hflip", "must be a probability in [0, 1].")
   if cfg.auto_augment:
@@ -1246,6 +1301,8 @@ def train_transform(image, seed, cfg):
   image = _check_image(image)
   seed = _check_seed(seed)
   draws = _train_draws(seed, cfg)
+  if cfg.get("simple_random_crop"):  # the whole image is resized, then cropped
+    return _train_transform_from_crop(image, seed, draws, cfg)
   shape = tf.shape(image)
   top, left, crop_h, crop_w = _crop_box(draws["crop"], shape[0], shape[1], tuple(cfg.scale),
                                         tuple(cfg.ratio))
@@ -1264,6 +1321,9 @@ def decode_and_train_transform(encoded, seed, cfg):
   check_config(cfg)
   seed = _check_seed(seed)
   draws = _train_draws(seed, cfg)
+  if cfg.get("simple_random_crop"):  # needs the whole image
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return _train_transform_from_crop(tf.ensure_shape(image, [None, None, 3]), seed, draws, cfg)
   crop_box = functools.partial(_crop_box, draws["crop"], scale=tuple(cfg.scale),
                                ratio=tuple(cfg.ratio))
 
@@ -1283,12 +1343,16 @@ def decode_and_train_transform(encoded, seed, cfg):
 
 
 def _train_transform_from_crop(crop, seed, draws, cfg):
-  """Everything after the RandomResizedCrop box: resize, flip, RandAugment / color jitter /
-  ThreeAugment, normalize, RandomErasing."""
+  """Everything after the RandomResizedCrop box (the whole image for the simple random crop):
+  resize, flip, RandAugment / color jitter / ThreeAugment, normalize, RandomErasing."""
   size = int(cfg.input_size)
   mean, std = tuple(cfg.mean), tuple(cfg.std)
-  # The flip is folded into the resize (mirrored output order), which costs nothing.
-  image = resize(crop, [size, size], cfg.interpolation, flip=draws["flip"][0] < cfg.hflip)
+  flip = draws["flip"][0] < cfg.hflip
+  if cfg.get("simple_random_crop"):
+    image = _simple_random_crop(crop, draws["crop"], size, cfg.interpolation, flip)
+  else:
+    # The flip is folded into the resize (mirrored output order), which costs nothing.
+    image = resize(crop, [size, size], cfg.interpolation, flip=flip)
   jitter = cfg.color_jitter is not None and cfg.color_jitter > 0
   if cfg.three_augment:
     # Official DeiT III replaces the whole timm transform: no RandAugment, no erasing.
@@ -1320,13 +1384,7 @@ def eval_transform(image, cfg):
   size = int(cfg.input_size)
   resize_to = eval_resize_size(cfg)
   shape = tf.shape(image)
-  h, w = shape[0], shape[1]
-  # torchvision Resize(int): the shorter side becomes `resize_to`, the longer one
-  # int(resize_to * long / short) (truncated).
-  short, long = tf.minimum(h, w), tf.maximum(h, w)
-  new_long = tf.cast(resize_to * long // short, tf.int32)
-  new_h = tf.where(h <= w, resize_to, new_long)
-  new_w = tf.where(h <= w, new_long, resize_to)
+  new_h, new_w = _shorter_side_to(shape[0], shape[1], resize_to)
   # torchvision CenterCrop: offset int(round((n - size) / 2)), round half to even. Only the
   # cropped part of the resized image is computed.
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.), tf.int32)

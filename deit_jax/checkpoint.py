@@ -11,7 +11,9 @@ writes step 0. `load_model(dir)` rebuilds the model from `model` and restores `p
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -78,7 +80,17 @@ def model_description(model: nnx.Module) -> dict:
 def build_model(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.Module:
   family = description.get("family")
   if family == "deit":
-    cfg = dataclasses.replace(models.DeiTConfig(**description["config"]), **overrides).validate()
+    fields = {f.name for f in dataclasses.fields(models.DeiTConfig)}
+    stored = dict(description.get("config") or {})
+    unknown = sorted(set(stored) - fields)
+    if unknown:
+      raise CheckpointError(
+          f"Cannot rebuild the model: its description has config field(s) {unknown} that this "
+          f"deit_jax does not know (written by a newer version?). Known fields: {sorted(fields)}.")
+    try:
+      cfg = dataclasses.replace(models.DeiTConfig(**stored), **overrides).validate()
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"Cannot rebuild the model from its description: {e}") from e
     make = lambda: models.DeiT(cfg, rngs=nnx.Rngs(0))
     return nnx.eval_shape(make) if abstract else make()
   if family == "teacher":
@@ -98,12 +110,15 @@ def assign_params(model: nnx.Module, flat: Mapping[str, Any], *, variables=nnx.P
   state = nnx.state(model, variables)
   target = flatten(nnx.to_pure_dict(state))
   flat = dict(flat)
+  if isinstance(model, models.DeiT):
+    check_deit_family(model.config, flat)
   if (resize_pos_embed and isinstance(model, models.DeiT) and "pos_embed" in flat
       and tuple(np.shape(flat["pos_embed"])) != tuple(target["pos_embed"].shape)):
     cfg = model.config
     src = np.asarray(flat["pos_embed"])
-    if src.shape[-1] == cfg.embed_dim and src.shape[1] > cfg.num_prefix_tokens:
-      flat["pos_embed"] = models.resize_pos_embed(src, cfg.num_prefix_tokens, cfg.grid_size)
+    if src.shape[-1] == cfg.embed_dim and src.shape[1] > cfg.pos_embed_prefix_tokens:
+      flat["pos_embed"] = models.resize_pos_embed(src, cfg.pos_embed_prefix_tokens,
+                                                  cfg.grid_size)
   missing = sorted(set(target) - set(flat))
   unexpected = sorted(set(flat) - set(target))
   mismatched = sorted(
@@ -122,6 +137,47 @@ def assign_params(model: nnx.Module, flat: Mapping[str, Any], *, variables=nnx.P
   new = unflatten({k: jax.numpy.asarray(flat[k], dtype=target[k].dtype) for k in target})
   nnx.replace_by_pure_dict(state, _match_key_types(nnx.to_pure_dict(state), new))
   nnx.update(model, state)
+
+
+_LAYER_SCALE_KEY = re.compile(r"^blocks/\d+/ls[12]/gamma$")
+
+
+def _family(layer_scale: bool) -> str:
+  return "DeiT III (LayerScale, position embedding on the patches only)" if layer_scale else (
+      "DeiT (no LayerScale, position embedding on every token)")
+
+
+def _zoo_names_like(cfg: models.DeiTConfig, layer_scale: bool) -> list[str]:
+  """Zoo models of the other family with this width, depth and patch size."""
+  return sorted(n for n, c in models.MODELS.items()
+                if (c.layer_scale_init is not None) == layer_scale and c.embed_dim == cfg.embed_dim
+                and c.depth == cfg.depth and c.patch_size == cfg.patch_size
+                and not n.endswith("_in21ft1k"))
+
+
+def check_deit_family(cfg: models.DeiTConfig, flat: Mapping[str, Any]) -> None:
+  """Refuses DeiT III weights for a DeiT model and the other way round, naming the problem
+  (rather than listing the LayerScale keys and a pos_embed shape as a mismatch)."""
+  has_ls = any(_LAYER_SCALE_KEY.match(k) for k in flat)
+  wants_ls = cfg.layer_scale_init is not None
+  if has_ls == wants_ls and "pos_embed" in flat:
+    rows = int(np.shape(flat["pos_embed"])[1])
+    square = lambda n: n > 0 and round(math.sqrt(n)) ** 2 == n
+    other = cfg.num_prefix_tokens if cfg.no_embed_class else 0
+    if not square(rows - cfg.pos_embed_prefix_tokens) and square(rows - other):
+      raise CheckpointError(
+          f"The checkpoint's position embedding has {rows} rows: {other} prefix row(s) and a "
+          f"square patch grid, but the model's (no_embed_class={cfg.no_embed_class}) has "
+          f"{cfg.pos_embed_prefix_tokens}. Convert with no_embed_class={not cfg.no_embed_class}; "
+          f"nothing was loaded.")
+  if has_ls == wants_ls:
+    return
+  like = _zoo_names_like(cfg, has_ls)
+  hint = f" (e.g. {', '.join(like[:3])})" if like else ""
+  raise CheckpointError(
+      f"The checkpoint is a {_family(has_ls)} model, but the target model is a "
+      f"{_family(wants_ls)} model. Use a {'deit3_*' if has_ls else 'deit_*'} model{hint}; "
+      f"nothing was loaded.")
 
 
 def _match_key_types(reference: Mapping, tree: Mapping) -> dict:

@@ -2,17 +2,45 @@
 
 Every process runs the same number of batches (padding rows have mask 0), so the numbers are
 exact at any device or process count.
+
+A model may be evaluated at another resolution than it trains at (`config.aug.eval_input_size`;
+DeiT III trains at 192 and evaluates at 224): the eval step's model is built at the eval size and
+the trained position embedding is resized to its grid inside the step, bicubically with the
+prefix rows kept, as loading a checkpoint at another size does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from deit_jax import data, models
+
+
+def eval_input_size(config) -> int:
+  """The eval resolution: aug.eval_input_size, or the training input size."""
+  return int(config.aug.get("eval_input_size") or config.aug.input_size)
+
+
+def fit_position_grid(model: models.DeiT) -> None:
+  """Resizes (in place, traceable) a position embedding trained for another grid to the model's
+  grid: bicubic (PyTorch's, no antialias), the prefix rows (cls, dist) kept."""
+  cfg = model.config
+  pos = model.pos_embed[...]
+  prefix = cfg.pos_embed_prefix_tokens
+  if pos.shape[1] == cfg.grid_size ** 2 + prefix:
+    return
+  old = int(round(math.sqrt(pos.shape[1] - prefix)))
+  w = jnp.asarray(models._cubic_weights(old, cfg.grid_size), jnp.float32)
+  grid = pos[0, prefix:].reshape(old, old, -1)
+  grid = jnp.einsum("jw,iwd->ijd", w, jnp.einsum("ih,hwd->iwd", w, grid))
+  model.pos_embed = nnx.Param(jnp.concatenate(
+      [pos[:, :prefix], grid.reshape(1, cfg.grid_size ** 2, -1)], axis=1))
 
 
 def make_eval_step(eval_graphdef) -> Callable:
@@ -31,6 +59,7 @@ def make_eval_step(eval_graphdef) -> Callable:
     model = nnx.merge(eval_graphdef, variables)
     if not isinstance(model, models.DeiT):  # a CNN (teacher) has one head
       return {"cls": model(images)}
+    fit_position_grid(model)  # trained at another resolution
     _, aux = model(images, return_aux=True)
     out = {"cls": aux["cls_logits"]}
     if "dist_logits" in aux:
@@ -54,7 +83,11 @@ def evaluate(eval_step, params, ema, source, config, batch_sharding) -> dict[str
   """Runs `eval_step` over the whole eval source; percentages keyed 'eval/<head>_top1' etc.,
   plus 'eval/top1' / 'eval/top5' for the head named by config.eval_head."""
   totals = None
-  for batch in data.eval_iterator(source, config.aug, global_batch_size=config.eval_batch_size):
+  aug = config.aug
+  if eval_input_size(config) != aug.input_size:
+    aug = ml_collections.ConfigDict(aug.to_dict())
+    aug.input_size = eval_input_size(config)
+  for batch in data.eval_iterator(source, aug, global_batch_size=config.eval_batch_size):
     res = eval_step(params, ema, data.to_global(batch, batch_sharding))
     totals = res if totals is None else jax.tree.map(jnp.add, totals, res)
   totals = jax.device_get(totals)

@@ -9,6 +9,12 @@
 For a distilled model the distillation term goes to the distillation head; for a plain model it
 goes to the class head ("class token only" in the paper). With kind='none' a distilled model's
 distillation head gets no gradient, exactly as in the official code.
+
+DeiT III replaces the base term by binary cross-entropy (`base_loss='bce'`, the official
+`--bce-loss`: torch's BCEWithLogitsLoss, a mean over batch x classes) on the mixed targets, which
+the official code first binarizes (`targets > 0`: every class mixed into an image is a positive);
+`bce_target_threshold=None` keeps the soft mixed targets instead. The distillation terms are
+unchanged (the official DistillationLoss wraps whichever base criterion).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 
 KINDS = ("none", "soft", "hard")
 REDUCTIONS = ("official", "batchmean")
+BASE_LOSSES = ("ce", "bce")
 
 
 def cross_entropy(logits, targets, *, label_smoothing: float = 0.0):
@@ -31,6 +38,25 @@ def cross_entropy(logits, targets, *, label_smoothing: float = 0.0):
     smooth = -logp.mean(axis=-1)
     return jnp.mean((1.0 - label_smoothing) * nll + label_smoothing * smooth)
   return jnp.mean(jnp.sum(-targets * logp, axis=-1))
+
+
+def binary_cross_entropy(logits, targets, *, target_threshold: float | None = None,
+                         num_classes: int | None = None):
+  """Mean (over batch x classes) sigmoid binary cross-entropy, torch's BCEWithLogitsLoss.
+
+  targets: probabilities (mixup/cutmix targets) or integer labels (one-hot). With
+  `target_threshold`, targets > threshold become 1 and the rest 0 (DeiT III: 0.0).
+  """
+  logits = logits.astype(jnp.float32)
+  targets = jnp.asarray(targets)
+  if jnp.issubdtype(targets.dtype, jnp.integer):
+    targets = jax.nn.one_hot(targets, num_classes or logits.shape[-1], dtype=jnp.float32)
+  targets = targets.astype(jnp.float32)
+  if target_threshold is not None:
+    targets = (targets > target_threshold).astype(jnp.float32)
+  # log(sigmoid(x)) and log(1 - sigmoid(x)) in their stable forms.
+  return jnp.mean(-(targets * jax.nn.log_sigmoid(logits)
+                    + (1.0 - targets) * jax.nn.log_sigmoid(-logits)))
 
 
 def soft_distillation(student_logits, teacher_logits, *, tau: float = 1.0,
@@ -47,7 +73,9 @@ def hard_distillation(student_logits, teacher_logits):
   return cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
 
 
-def _check(kind, reduction, alpha):
+def _check(kind, reduction, alpha, base_loss="ce"):
+  if base_loss not in BASE_LOSSES:
+    raise ValueError(f"Unknown base loss {base_loss!r}; use one of {BASE_LOSSES}.")
   if kind not in KINDS:
     raise ValueError(f"Unknown distillation kind {kind!r}; use one of {KINDS}.")
   if reduction not in REDUCTIONS:
@@ -58,14 +86,18 @@ def _check(kind, reduction, alpha):
 
 def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: str,
                        alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
-                       label_smoothing: float = 0.0) -> dict:
+                       label_smoothing: float = 0.0, base_loss: str = "ce",
+                       bce_target_threshold: float | None = None) -> dict:
   """{'loss', 'base', 'distill'}; see `distillation_loss`."""
-  _check(kind, reduction, alpha)
+  _check(kind, reduction, alpha, base_loss)
   if isinstance(student_logits, Sequence) and not hasattr(student_logits, "shape"):
     cls_logits, dist_logits = student_logits
   else:
     cls_logits = dist_logits = student_logits  # class token only
-  base = cross_entropy(cls_logits, targets, label_smoothing=label_smoothing)
+  if base_loss == "bce":
+    base = binary_cross_entropy(cls_logits, targets, target_threshold=bce_target_threshold)
+  else:
+    base = cross_entropy(cls_logits, targets, label_smoothing=label_smoothing)
   if kind == "none":
     return {"loss": base, "base": base, "distill": jnp.zeros_like(base)}
   if teacher_logits is None:
@@ -80,12 +112,16 @@ def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: st
 
 def distillation_loss(student_logits, targets, teacher_logits=None, *, kind: str,
                       alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
-                      label_smoothing: float = 0.0):
+                      label_smoothing: float = 0.0, base_loss: str = "ce",
+                      bce_target_threshold: float | None = None):
   """The official DeiT loss (see the module docstring).
 
   student_logits: `(cls_logits, dist_logits)` for a distilled model, or one array.
   targets: integer labels (smoothed with `label_smoothing`) or probabilities (mixup targets).
   teacher_logits: the frozen teacher's logits on the same (mixed) images; unused for 'none'.
+  base_loss: 'ce' (DeiT) or 'bce' (DeiT III, targets binarized by `bce_target_threshold`).
   """
   return distillation_terms(student_logits, targets, teacher_logits, kind=kind, alpha=alpha,
-                            tau=tau, reduction=reduction, label_smoothing=label_smoothing)["loss"]
+                            tau=tau, reduction=reduction, label_smoothing=label_smoothing,
+                            base_loss=base_loss,
+                            bce_target_threshold=bce_target_threshold)["loss"]

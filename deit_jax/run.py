@@ -37,14 +37,21 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[st
   """Top-1/top-5 of a checkpoint (converted or trained; DeiT or CNN) on config's eval split,
   every head, and the EMA when the checkpoint is a training run's."""
   ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  model = checkpoint.load_model(ckpt_dir)
+  # aug.eval_input_size (DeiT III: trained at 192, evaluated at 224) resizes a DeiT's position
+  # grid on load; otherwise the eval transform follows the checkpoint's resolution.
+  resize = {}
+  if config.aug.get("eval_input_size") and (
+      checkpoint.read_description(ckpt_dir)[0].get("family") == "deit"):
+    resize = {"img_size": int(config.aug.eval_input_size)}
+  model = checkpoint.load_model(ckpt_dir, **resize)
   try:
-    ema = checkpoint.load_model(ckpt_dir, ema=True)
+    ema = checkpoint.load_model(ckpt_dir, ema=True, **resize)
   except checkpoint.CheckpointError:
     ema = None  # converted weights and runs without EMA have none
   config = ml_collections.ConfigDict(config.to_dict())
   if isinstance(model, models.DeiT):
-    config.aug.input_size = model.config.img_size  # the eval transform follows the checkpoint
+    config.aug.input_size = model.config.img_size
+    config.aug.eval_input_size = None
   size = config.aug.input_size
   num_classes = jax.eval_shape(lambda: model(jnp.zeros((1, size, size, 3)))).shape[-1]
   source = train.build_eval_source(config)

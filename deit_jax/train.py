@@ -131,6 +131,17 @@ def validate_config(config, num_devices: int) -> None:
                         f"{config.model} lacks.")
   if config.eval_head not in ("both", "cls", "dist"):
     raise ConfigError(f"config.eval_head={config.eval_head!r}; use 'both', 'cls' or 'dist'.")
+  eval_size = evaluation.eval_input_size(config)
+  if cfg is not None and eval_size != cfg.img_size:
+    try:
+      models.model_config(config.model, **{**model_overrides(config), "img_size": eval_size})
+    except ValueError as e:
+      raise ConfigError(f"config.aug.eval_input_size={eval_size}: {e}") from e
+  if config.get("loss", "ce") not in losses.BASE_LOSSES:
+    raise ConfigError(f"config.loss={config.loss!r}; use one of {losses.BASE_LOSSES}.")
+  if config.optimizer.get("name", "adamw") not in OPTIMIZERS:
+    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}; use one of "
+                      f"{OPTIMIZERS}.")
   for pattern, rule in config.sharding.rules:
     if rule not in sharding.RULES:
       raise ConfigError(f"config.sharding.rules: unknown rule {rule!r} for {pattern!r}; use one "
@@ -187,13 +198,32 @@ def decay_mask(params: dict, decay_dist_token: bool) -> dict:
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
+OPTIMIZERS = ("adamw", "lamb")
+
+
+def lamb(schedule, o, mask) -> optax.GradientTransformation:
+  """LAMB as DeiT III trains with it (`--opt fusedlamb`: apex FusedLAMB, which timm's Lamb
+  mirrors): Adam moments with bias correction, weight decay added to the update, and the
+  layer-wise trust ratio ||w|| / ||update|| only where weight decay applies (FusedLAMB without
+  nvlamb skips it for the no-decay group; optax.lamb would apply it to every parameter).
+  FusedLAMB also clips the gradient's global norm to 1: set optimizer.clip_grad=1.0."""
+  return optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                     optax.add_decayed_weights(o.weight_decay, mask),
+                     optax.masked(optax.scale_by_trust_ratio(), mask),
+                     optax.scale_by_learning_rate(schedule))
+
+
 def make_optimizer(config, plan: Plan, params: dict) -> tuple[optax.GradientTransformation,
                                                                 optax.Schedule]:
   o = config.optimizer
   schedule = lr_schedule(config, plan)
   parts = [optax.clip_by_global_norm(o.clip_grad)] if o.clip_grad else []
-  parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                           mask=decay_mask(params, o.decay_dist_token)))
+  mask = decay_mask(params, o.decay_dist_token)
+  if o.get("name", "adamw") == "lamb":
+    parts.append(lamb(schedule, o, mask))
+  else:
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=mask))
   return optax.chain(*parts), schedule
 
 
@@ -225,7 +255,9 @@ def make_train_step(config, plan: Plan, graphdef, tx, schedule, teacher) -> Call
     model = nnx.merge(graphdef, params, batch_stats)
     out = model(images, rngs=key) if deit else model(images)
     terms = losses.distillation_terms(out, targets, teacher_logits, kind=dist.kind,
-                                      alpha=dist.alpha, tau=dist.tau, reduction=dist.reduction)
+                                      alpha=dist.alpha, tau=dist.tau, reduction=dist.reduction,
+                                      base_loss=config.get("loss", "ce"),
+                                      bce_target_threshold=config.get("bce_target_threshold"))
     return terms["loss"], (terms, str_keys(nnx.state(model, nnx.BatchStat)))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -298,7 +330,7 @@ class MetricWriter:
       return
     from deit_jax import lazy_tf  # tf.summary writes TensorBoard event files
     self._tf = lazy_tf.load()
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._tb = self._tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, metrics: dict[str, float]):
@@ -404,6 +436,14 @@ def build_model_state(config, plan: Plan, mesh) -> ModelState:
   graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat)
   abstract.eval()
   eval_graphdef = nnx.split(abstract, nnx.Param, nnx.BatchStat)[0]
+  eval_size = evaluation.eval_input_size(config)
+  if not is_cnn(config) and eval_size != config.aug.input_size:
+    # Evaluated at another resolution (DeiT III: train 192, eval 224): the same weights with the
+    # position grid resized inside the eval step (evaluation.make_eval_step).
+    cfg = models.model_config(config.model, **{**model_overrides(config), "img_size": eval_size})
+    at_eval_size = nnx.eval_shape(lambda: models.DeiT(cfg, rngs=nnx.Rngs(0)))
+    at_eval_size.eval()
+    eval_graphdef = nnx.split(at_eval_size, nnx.Param, nnx.BatchStat)[0]
   tx, schedule = make_optimizer(config, plan, str_keys(abstract_params))
 
   def init():

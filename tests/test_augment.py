@@ -515,3 +515,57 @@ def test_bad_inputs_raise_clear_errors():
                        ("crop_pct", 1.5), ("auto_augment", "v0")):
     with pytest.raises(ValueError, match=field if field != "auto_augment" else "auto_augment"):
       augment.train_transform(image, tf.constant([0, 0]), _small_config(**{field: value}))
+
+
+# --- DeiT III's simple random crop -----------------------------------------------------------
+
+
+def _src_reference(image, size):
+  """Every output torchvision's Resize(size) + RandomCrop(size, padding=4, 'reflect') can give,
+  keyed by (top, left) in the padded image: PIL resize, numpy reflect padding."""
+  h, w = image.shape[:2]
+  new_h, new_w = (size, size * w // h) if h <= w else (size * h // w, size)
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+  padded = np.pad(resized, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+  return {(t, l): padded[t:t + size, l:l + size].astype(np.int64)
+          for t in range(new_h + 8 - size + 1) for l in range(new_w + 8 - size + 1)}
+
+
+# Landscape and square inputs: for some portrait ones Pillow 13 runs its vertical pass first,
+# which `resize` (horizontal first, as older Pillow) does not follow.
+@pytest.mark.parametrize("shape", [(40, 60), (30, 75), (24, 24)])
+def test_simple_random_crop_is_resize_reflect_pad_and_crop(shape):
+  image = _photo(*shape)
+  crops = _src_reference(image, 24)
+  offsets = set()
+  for s in range(12):
+    out = _np(augment.simple_random_crop(image, tf.constant([s, 5]), 24, hflip=0.0))
+    matches = [k for k, ref in crops.items() if np.abs(out - ref).max() <= 1]
+    assert matches, s  # equal to one of the possible crops (PIL's rare +-1 rounding allowed)
+    offsets.add(matches[0])
+  # Crops reach into the reflected padding on both sides.
+  assert min(t for t, _ in offsets) < 4 or min(l for _, l in offsets) < 4
+  assert len(offsets) > 6
+  flipped = _np(augment.simple_random_crop(image, tf.constant([0, 5]), 24, hflip=1.0))
+  plain = _np(augment.simple_random_crop(image, tf.constant([0, 5]), 24, hflip=0.0))
+  np.testing.assert_array_equal(flipped, plain[:, ::-1])
+
+
+def test_train_transform_with_simple_random_crop_and_three_augment():
+  cfg = _small_config(simple_random_crop=True, three_augment=True, reprob=0.0, auto_augment="")
+  image = _photo(40, 60)
+  for s in range(3):
+    seed = tf.constant([s, 9])
+    out = augment.train_transform(image, seed, cfg)
+    assert out.shape == (24, 24, 3) and out.dtype == tf.float32
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    np.testing.assert_array_equal(
+        augment.decode_and_train_transform(tf.constant(buffer.getvalue()), seed, cfg), out)
+  # The whole image is seen (rescaled), not a RandomResizedCrop box of it: with no flip,
+  # color op or jitter, the output is a crop of the resized image.
+  cfg = _small_config(simple_random_crop=True, three_augment=False, reprob=0.0, auto_augment="",
+                      hflip=0.0, color_jitter=0.0)
+  out = augment.train_transform(image, tf.constant([1, 9]), cfg).numpy()
+  unnormalized = np.round((out * np.array(cfg.std) + np.array(cfg.mean)) * 255).astype(np.int64)
+  assert any(np.abs(unnormalized - ref).max() <= 1 for ref in _src_reference(image, 24).values())

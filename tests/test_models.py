@@ -16,18 +16,83 @@ PARAM_COUNTS = {
     "deit_small_distilled_patch16_224": 22_436_432,
     "deit_base_distilled_patch16_224": 87_338_192,
     "deit_base_distilled_patch16_384": 87_630_032,
+    # DeiT III, from tests/fixtures/deit3_param_counts.py (timm 1.0.31).
+    "deit3_small_patch16_224": 22_059_496,
+    "deit3_small_patch16_384": 22_205_416,
+    "deit3_medium_patch16_224": 38_849_512,
+    "deit3_base_patch16_224": 86_585_320,
+    "deit3_base_patch16_384": 86_877_160,
+    "deit3_large_patch16_224": 304_374_760,
+    "deit3_large_patch16_384": 304_763_880,
+    "deit3_huge_patch14_224": 632_126_440,
+}
+# DeiT III with a distillation token (distilled=True), same script.
+DEIT3_DISTILLED_COUNTS = {
+    "deit3_small_patch16_224": 22_444_880,
+    "deit3_base_patch16_224": 87_355_088,
+    "deit3_huge_patch14_224": 633_408_720,
 }
 
 SMALL = dict(embed_dim=48, num_heads=3, depth=2, img_size=32, num_classes=10)
 
 
-def test_zoo_is_exactly_the_eight_models():
-  assert set(models.MODELS) == set(PARAM_COUNTS)
+def test_zoo_is_the_deit_and_deit3_families():
+  deit3 = {n for n in PARAM_COUNTS if n.startswith("deit3_")}
+  assert set(models.MODELS) == set(PARAM_COUNTS) | {n + "_in21ft1k" for n in deit3}
+  for name in deit3:
+    assert models.MODELS[name + "_in21ft1k"] == models.MODELS[name]
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_param_count(name):
   assert models.count_params(models.abstract_model(name)) == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(DEIT3_DISTILLED_COUNTS))
+def test_deit3_with_a_distillation_token_param_count(name):
+  model = models.abstract_model(name, distilled=True)
+  assert models.count_params(model) == DEIT3_DISTILLED_COUNTS[name]
+
+
+def test_deit3_architecture():
+  """LayerScale in every block, pos_embed on the patches only (added before the class token is
+  concatenated), the same drop-path rate in every block, huge at patch 14."""
+  cfg = models.MODELS["deit3_base_patch16_224"]
+  assert cfg.layer_scale_init == 1e-4 and cfg.no_embed_class and not cfg.distilled
+  assert models.MODELS["deit3_huge_patch14_224"].patch_size == 14
+  model = models.create_model("deit3_base_patch16_224", drop_path_rate=0.2, **SMALL)
+  assert model.pos_embed.shape == (1, 4, 48)
+  assert [b.drop_path.rate for b in model.blocks] == [0.2, 0.2]
+  np.testing.assert_array_equal(model.blocks[0].ls1.gamma[...], np.full(48, 1e-4, np.float32))
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  _, aux = model(x, rngs=jax.random.key(0), return_aux=True)
+  np.testing.assert_allclose(aux["embeddings"][0, 0], model.cls_token[0, 0], atol=1e-6)
+  patches = model.patch_embed(x).reshape(1, 4, 48)
+  np.testing.assert_allclose(aux["embeddings"][0, 1:], patches[0] + model.pos_embed[0], atol=1e-5)
+
+
+def test_deit3_distilled_tokens_get_no_position_embedding():
+  model = models.create_model("deit3_small_patch16_224", distilled=True, **SMALL)
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  out, aux = model(x, return_aux=True)
+  emb = aux["embeddings"]
+  assert emb.shape == (2, 2 + 4, 48) and model.pos_embed.shape == (1, 4, 48)
+  np.testing.assert_allclose(emb[:, 0], jnp.broadcast_to(model.cls_token[0], (2, 48)), atol=1e-6)
+  np.testing.assert_allclose(emb[:, 1], jnp.broadcast_to(model.dist_token[0], (2, 48)), atol=1e-6)
+  np.testing.assert_allclose(out, (aux["cls_logits"] + aux["dist_logits"]) / 2, atol=1e-6)
+
+
+def test_layer_scale_scales_each_residual_branch():
+  model = models.create_model("deit3_small_patch16_224", drop_path_rate=0.0, **SMALL)
+  model.eval()
+  x = jax.random.normal(jax.random.key(2), (2, 6, 48))
+  block = model.blocks[0]
+  block.ls1.gamma[...] = jnp.zeros(48)
+  block.ls2.gamma[...] = jnp.zeros(48)
+  np.testing.assert_array_equal(block(x)[0], x)  # both branches switched off
+  with pytest.raises(ValueError, match="layer_scale_init"):
+    models.create_model("deit3_small_patch16_224", layer_scale_init=0.0)
 
 
 def test_unknown_model_lists_known_names():
