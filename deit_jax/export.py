@@ -46,7 +46,7 @@ from absl import app, flags
 from flax import nnx
 
 import deit_jax
-from deit_jax import augment, checkpoint, models
+from deit_jax import checkpoint, image_ops, models
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -216,8 +216,8 @@ def _metadata(fmt, files, model, size, output_names, num_classes, platforms, cro
               "color": "RGB",
               "resize_shorter_side_to": int(size / crop_pct), "interpolation": "bicubic",
               "center_crop": size, "crop_pct": crop_pct,
-              "scale": "x / 255", "mean": list(augment.IMAGENET_MEAN),
-              "std": list(augment.IMAGENET_STD),
+              "scale": "x / 255", "mean": list(image_ops.IMAGENET_MEAN),
+              "std": list(image_ops.IMAGENET_STD),
               "normalize": "(x / 255 - mean) / std per channel"}},
       "outputs": [{"name": n, "dtype": "float32", "shape": [None, num_classes],
                    "meaning": meanings[n]} for n in output_names],

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from deit_jax import augment
+from deit_jax import augment, image_ops
 
 FILL = (124, 116, 104)
 H, W = 32, 40
@@ -38,21 +38,21 @@ def _np(x):
 @pytest.mark.parametrize("image", IMAGES, ids=["random", "smooth"])
 def test_lut_ops_equal_pil_exactly(image):
   pil = Image.fromarray(image)
-  np.testing.assert_array_equal(_np(augment.invert(image)), _np(ImageOps.invert(pil)))
-  np.testing.assert_array_equal(_np(augment.auto_contrast(image)),
+  np.testing.assert_array_equal(_np(image_ops.invert(image)), _np(ImageOps.invert(pil)))
+  np.testing.assert_array_equal(_np(image_ops.auto_contrast(image)),
                                 _np(ImageOps.autocontrast(pil)))
-  np.testing.assert_array_equal(_np(augment.equalize(image)), _np(ImageOps.equalize(pil)))
+  np.testing.assert_array_equal(_np(image_ops.equalize(image)), _np(ImageOps.equalize(pil)))
   for bits in (1, 2, 3, 4, 8):
-    np.testing.assert_array_equal(_np(augment.posterize(image, bits)),
+    np.testing.assert_array_equal(_np(image_ops.posterize(image, bits)),
                                   _np(ImageOps.posterize(pil, bits)))
   for threshold in (0, 26, 128, 200, 256):
-    np.testing.assert_array_equal(_np(augment.solarize(image, threshold)),
+    np.testing.assert_array_equal(_np(image_ops.solarize(image, threshold)),
                                   _np(ImageOps.solarize(pil, threshold)))
 
 
 def test_posterize_zero_bits_is_black():
   # Old Pillow (DeiT's era) returned black; Pillow >= 10 raises for 0 bits.
-  assert not np.any(augment.posterize(_smooth_image(), 0).numpy())
+  assert not np.any(image_ops.posterize(_smooth_image(), 0).numpy())
 
 
 def test_equalize_and_autocontrast_on_narrow_histograms():
@@ -62,8 +62,8 @@ def test_equalize_and_autocontrast_on_narrow_histograms():
   image[:, 20:] = (200, 50, 9)
   image[0, 0] = (0, 50, 250)
   pil = Image.fromarray(image)
-  np.testing.assert_array_equal(_np(augment.equalize(image)), _np(ImageOps.equalize(pil)))
-  np.testing.assert_array_equal(_np(augment.auto_contrast(image)),
+  np.testing.assert_array_equal(_np(image_ops.equalize(image)), _np(ImageOps.equalize(pil)))
+  np.testing.assert_array_equal(_np(image_ops.auto_contrast(image)),
                                 _np(ImageOps.autocontrast(pil)))
 
 
@@ -71,7 +71,7 @@ def test_solarize_add_matches_its_definition():
   image = _random_image(3)
   for add in (0, 37, 110):
     expected = np.where(image < 128, np.minimum(image.astype(int) + add, 255), image)
-    np.testing.assert_array_equal(_np(augment.solarize_add(image, add)), expected)
+    np.testing.assert_array_equal(_np(image_ops.solarize_add(image, add)), expected)
 
 
 # --- ImageEnhance blends -------------------------------------------------------------------
@@ -81,10 +81,10 @@ def test_solarize_add_matches_its_definition():
 @pytest.mark.parametrize("factor", [0.1, 0.55, 1.0, 1.45, 1.9])
 def test_enhance_ops_equal_pil(image, factor):
   pil = Image.fromarray(image)
-  for ours, theirs in ((augment.color, ImageEnhance.Color),
-                       (augment.contrast, ImageEnhance.Contrast),
-                       (augment.brightness, ImageEnhance.Brightness),
-                       (augment.sharpness, ImageEnhance.Sharpness)):
+  for ours, theirs in ((image_ops.color, ImageEnhance.Color),
+                       (image_ops.contrast, ImageEnhance.Contrast),
+                       (image_ops.brightness, ImageEnhance.Brightness),
+                       (image_ops.sharpness, ImageEnhance.Sharpness)):
     np.testing.assert_array_equal(_np(ours(image, factor)),
                                   _np(theirs(pil).enhance(factor)), err_msg=ours.__name__)
 
@@ -94,7 +94,7 @@ def test_contrast_uses_the_real_image_mean():
   image = _random_image(4, 0, 90)
   for factor in (0.5, 1.8):
     expected = _np(ImageEnhance.Contrast(Image.fromarray(image)).enhance(factor))
-    np.testing.assert_array_equal(_np(augment.contrast(image, factor)), expected)
+    np.testing.assert_array_equal(_np(image_ops.contrast(image, factor)), expected)
   # The test can fail: blending towards a wrong mean gives a visibly different image.
   wrong = np.clip(196 + 0.5 * (image.astype(np.float32) - 196), 0, 255).astype(np.int64)
   expected = _np(ImageEnhance.Contrast(Image.fromarray(image)).enhance(0.5))
@@ -150,21 +150,21 @@ def test_geometric_ops_equal_pil_bicubic(name, arg, reference):
 ])
 def test_one_axis_warps_at_near_integer_shifts_equal_pil(kind, arg, matrix):
   for image in GEOMETRIC_IMAGES:
-    ours = augment._geometric(kind, image, arg, FILL, "bicubic")
+    ours = image_ops._geometric(kind, image, arg, FILL, "bicubic")
     np.testing.assert_array_equal(_np(ours), _np(_pil_affine(image, matrix)), err_msg=kind)
 
 
 def test_geometric_op_with_wrong_kernel_would_fail():
   # Sanity check of the bound above: a plain bilinear rotate is far from PIL's bicubic.
   image = IMAGES[0]
-  ours = augment.rotate(image, 20.0, fill=FILL, interpolation="bilinear")
+  ours = image_ops.rotate(image, 20.0, fill=FILL, interpolation="bilinear")
   theirs = Image.fromarray(image).rotate(20.0, resample=Image.BICUBIC, fillcolor=FILL)
   assert np.abs(_np(ours) - _np(theirs)).max() > 10
 
 
 def test_bilinear_geometric_op_matches_pil():
   image = _smooth_image()
-  ours = augment.shear_x(image, -0.23, fill=FILL, interpolation="bilinear")
+  ours = image_ops.shear_x(image, -0.23, fill=FILL, interpolation="bilinear")
   np.testing.assert_array_equal(_np(ours), _np(_pil_affine(image, (1, -0.23, 0, 0, 1, 0),
                                                            Image.BILINEAR)))
 
@@ -277,7 +277,7 @@ RESIZE_CASES = [((300, 400), (224, 224)), ((375, 500), (60, 70)), ((100, 150), (
 def test_resize_matches_pil_bicubic(in_shape, size):
   image = _photo(*in_shape)
   theirs = _np(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
-  diff = np.abs(_np(augment.resize(image, size, "bicubic")) - theirs)
+  diff = np.abs(_np(image_ops.resize(image, size, "bicubic")) - theirs)
   # PIL's fixed-point weights are reproduced; float32 accumulation may round a value sitting
   # on a half level the other way (~1e-5 of values). A float resize without PIL's
   # intermediate rounding, or a kernel with a = -0.75 or without the scaled support, is off
@@ -289,7 +289,7 @@ def test_resize_matches_pil_bicubic(in_shape, size):
 def test_resize_matches_pil_bilinear(in_shape, size):
   image = _photo(*in_shape, seed=1)
   theirs = _np(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-  diff = np.abs(_np(augment.resize(image, size, "bilinear")) - theirs)
+  diff = np.abs(_np(image_ops.resize(image, size, "bilinear")) - theirs)
   # Bilinear weights are simple fractions, so many values land on a half level where the
   # float32 sum and PIL's integer sum may round apart: up to a few % of values are +-1.
   assert diff.max() <= 1 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
@@ -308,13 +308,14 @@ def test_resize_would_fail_a_wrong_kernel():
 
 def test_resize_window_and_flip_equal_crop_and_mirror_of_the_full_resize():
   image = _photo(90, 70)
-  full = _np(augment.resize(image, [120, 100], "bicubic"))
+  full = _np(image_ops.resize(image, [120, 100], "bicubic"))
   window = (7, 11, 33, 29)
-  np.testing.assert_array_equal(_np(augment.resize(image, [120, 100], window=window)),
+  np.testing.assert_array_equal(_np(image_ops.resize(image, [120, 100], window=window)),
                                 full[7:40, 11:40])
   np.testing.assert_array_equal(
-      _np(augment.resize(image, [120, 100], window=window, flip=True)), full[7:40, 11:40][:, ::-1])
-  np.testing.assert_array_equal(_np(augment.resize(image, [120, 100], flip=tf.constant(True))),
+      _np(image_ops.resize(image, [120, 100], window=window, flip=True)),
+      full[7:40, 11:40][:, ::-1])
+  np.testing.assert_array_equal(_np(image_ops.resize(image, [120, 100], flip=tf.constant(True))),
                                 full[:, ::-1])
 
 
@@ -411,7 +412,7 @@ def test_default_train_transform_is_deterministic_in_parallel_tf_data():
 
 def test_resize_needs_a_static_output_size():
   with pytest.raises(ValueError, match="window of static size"):
-    tf.function(lambda s: augment.resize(_photo(20, 30), s))(tf.constant([10, 10]))
+    tf.function(lambda s: image_ops.resize(_photo(20, 30), s))(tf.constant([10, 10]))
 
 
 def test_train_transform_normalizes_like_totensor():
@@ -419,16 +420,16 @@ def test_train_transform_normalizes_like_totensor():
                       ratio=(W / H, W / H), hflip=0.)
   image = _smooth_image()
   out = augment.train_transform(image, tf.constant([0, 0]), cfg).numpy()
-  resized = augment.resize(image, [24, 24], "bicubic").numpy()
+  resized = image_ops.resize(image, [24, 24], "bicubic").numpy()
   expected = (resized / 255. - np.array(cfg.mean)) / np.array(cfg.std)
   np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_normalize_is_torchs_float32_arithmetic_bit_for_bit():
   levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=-1)  # [256, 1, 3]
-  mean, std = np.float32(augment.IMAGENET_MEAN), np.float32(augment.IMAGENET_STD)
+  mean, std = np.float32(image_ops.IMAGENET_MEAN), np.float32(image_ops.IMAGENET_STD)
   expected = (levels.astype(np.float32) / np.float32(255) - mean) / std  # ToTensor, Normalize
-  np.testing.assert_array_equal(augment.normalize(levels), expected)
+  np.testing.assert_array_equal(image_ops.normalize(levels), expected)
 
 
 def test_color_jitter_switch_and_range():
