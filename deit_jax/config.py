@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import FieldReference
 
-from deit_jax import augment, data, models
+from deit_jax import augment, data, image_ops, models
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.epochs = 300
   c.total_steps = FieldReference(None, field_type=int)  # overrides epochs when set
   c.optimizer = ml_collections.ConfigDict({
-      "name": "adamw",  # or 'lamb' (DeiT III; see train.lamb)
+      "name": "adamw",  # or 'lamb' (DeiT III; see step.lamb)
       "lr": 5e-4, "lr_base_batch": 512,  # lr = lr x batch_size / lr_base_batch
       "warmup_epochs": 5.0, "warmup_lr": 1e-6, "min_lr": 1e-5,
       "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
       "top_k": 10, "store_dtype": "float16",
       "precompute_epochs": FieldReference(None, field_type=int),
       "img_size": FieldReference(None, field_type=int),  # default: the student's resolution
-      "mean": augment.IMAGENET_MEAN, "std": augment.IMAGENET_STD,
+      "mean": image_ops.IMAGENET_MEAN, "std": image_ops.IMAGENET_STD,
       # A CNN teacher's convolutions: 'xla' | 'dense' | '' (per platform: 'dense' on CPU,
       # 'xla' = cuDNN on GPU); see deit_jax.conv.
       "conv_impl": ""})
