@@ -62,7 +62,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from deit_jax import checkpoint, distill, models, sharding, teachers, train  # noqa: E402
+from deit_jax import checkpoint, compile_options, distill, models, sharding, step  # noqa: E402
+from deit_jax import teachers  # noqa: E402
+from deit_jax import plan as plan_lib  # noqa: E402
 from deit_jax import config as base  # noqa: E402
 
 GiB = 2 ** 30
@@ -164,7 +166,7 @@ CPU_ROWS = ("deit_ti", "deit_s", "demo", "regnety_002", "regnety_160_infer", "re
 def config_row(spec: str, teacher: str) -> Row:
   """An extra row from a config file: its model, input size, batch sizes, dtype and recipe."""
   name, c = load_config_file(spec)
-  if train.is_cnn(c):
+  if plan_lib.is_cnn(c):
     return Row(name, c, c.batch_size, c.eval_batch_size, ("train", "infer"),
                description=f"{spec}: {c.model} trained supervised")
   if c.distillation.kind == "none":
@@ -179,7 +181,7 @@ def config_row(spec: str, teacher: str) -> Row:
 
 
 def is_deit(row: Row) -> bool:
-  return row.infer_model is None and not train.is_cnn(row.config)
+  return row.infer_model is None and not plan_lib.is_cnn(row.config)
 
 
 def variant_label(row: Row, variant: str) -> str:
@@ -257,7 +259,7 @@ def measure_matmul_peak(dtype: str, n: int | None = None, reps: int = 8) -> floa
   dt = jnp.float32 if cpu else jnp.dtype(dtype)
   a = jax.random.normal(jax.random.key(1), (n, n), dt)
   b = jax.random.normal(jax.random.key(2), (n, n), dt)
-  f = jax.jit(jnp.dot)
+  f = compile_options.jit(jnp.dot)
   jax.block_until_ready(f(a, b))
   best = math.inf
   inner = 1 if cpu else 10
@@ -427,19 +429,17 @@ class Ours:
     kind = c.distillation.kind if c.distillation.kind != "none" else "hard"
     c.distillation.kind = "none"
     try:
-      train.validate_config(c, self.n)  # the teacher checkpoint is not needed: validate as none
-    except train.ConfigError as e:
+      plan_lib.validate_config(c, self.n)  # the teacher checkpoint is not needed: validate as none
+    except plan_lib.ConfigError as e:
       raise SpeedError(f"{self.row.name}: {e}") from e
     if variant in ("train_teacher", "train_precomputed"):
       c.distillation.kind = kind
     return c
 
-  def _plan(self, c, batch: int) -> train.Plan:
-    return train.Plan(num_devices=self.n, global_batch=batch,
-                      micro_batch=batch // c.grad_accum_steps, steps_per_epoch=1000,
-                      total_steps=100_000, warmup_steps=1000,
-                      peak_lr=c.optimizer.lr * batch / c.optimizer.lr_base_batch,
-                      num_train_examples=0, num_eval_examples=0, num_classes=self.num_classes)
+  def _plan(self, c, batch: int) -> plan_lib.Plan:
+    """The plan of an ImageNet-sized run of this config (c.batch_size is `batch`)."""
+    assert c.batch_size == batch
+    return plan_lib.synthetic_plan(c, self.n)
 
   def _teacher(self):
     if self.teacher is not None:
@@ -487,7 +487,7 @@ class Ours:
 
   def _model_state(self, c, batch):
     if self.model is None:
-      self.model = train.build_model_state(c, self._plan(c, batch), self.mesh)
+      self.model = step.build_model_state(c, self._plan(c, batch), self.mesh)
       self.params = self.model.num_params
     return self.model
 
@@ -503,23 +503,28 @@ class Ours:
       x = jax.ShapeDtypeStruct((batch, self.size, self.size, 3), jnp.float32, sharding=self.bsh)
       if row.infer_model:
         teacher = self._teacher()
-        fn = jax.jit(teacher.logits)
+        fn = compile_options.jit(teacher.logits)
         v = self._abstract(teacher.params, teacher.shardings)
       else:
         c = self._train_config("train", row.train_batch or batch)
         model = self._model_state(c, row.train_batch or batch)
         graphdef = model.eval_graphdef
-        fn = jax.jit(lambda variables, images: nnx.merge(graphdef, variables)(images))
-        v = self._abstract(train.persistent(model.abstract_state), train.persistent(model.state_sh))
+        fn = compile_options.jit(lambda variables, images: nnx.merge(graphdef, variables)(images))
+        v = self._abstract(step.persistent(model.abstract_state), step.persistent(model.state_sh))
       return fn.lower(v, x)
     c = self._train_config(variant, batch)
     model = self._model_state(c, batch)
     plan = self._plan(c, batch)
-    teacher = self._teacher() if variant == "train_teacher" else None
-    step = train.jit_train_step(c, plan, model, self.mesh, teacher)
+    dist = None  # the student alone
+    if variant == "train_teacher":
+      dist = distill.Distillation(c, num_classes=self.num_classes, source="model",
+                                  teacher=self._teacher())
+    elif variant == "train_precomputed":
+      dist = distill.Distillation(c, num_classes=self.num_classes, source="precomputed")
+    train_step = step.jit_train_step(c, plan, model, self.mesh, dist)
     state = self._abstract(model.abstract_state, model.state_sh)
-    return step.lower(state, self._batch_spec(variant, batch, c),
-                      teacher.params if teacher else None)
+    return train_step.lower(state, self._batch_spec(variant, batch, c),
+                            dist.params if dist else None)
 
   def compile(self, variant: str, batch: int) -> Program:
     t = time.perf_counter()
@@ -562,7 +567,7 @@ class Ours:
           variables = self.teacher.params
         else:
           # A copy: the train steps donate (delete) the state's buffers.
-          variables = jax.tree.map(jnp.copy, train.persistent(self.state))
+          variables = jax.tree.map(jnp.copy, step.persistent(self.state))
         self.inputs[v] = (variables, images)
         continue
       batch = {"image": images,
@@ -744,10 +749,10 @@ def timm_spec(row: Row, device: str) -> dict:
   if row.infer_model:
     spec.update(kind="infer", model=row.infer_model)
     return spec
-  if train.is_cnn(c):
+  if plan_lib.is_cnn(c):
     spec.update(kind="cnn", model=c.model)
   else:
-    cfg = models.model_config(c.model, **train.model_overrides(c))
+    cfg = models.model_config(c.model, **plan_lib.model_overrides(c))
     spec.update(kind="deit", model=c.model, model_kw={
         "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
         "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": cfg.qkv_bias,
@@ -843,18 +848,11 @@ def legend(platform_name: str, peak_kind: str, timm: bool, precomputed: bool) ->
   return notes
 
 
-def run(args) -> int:
-  rows = select_rows(args)
-  dev = jax.devices()[0]
-  n = args.devices or jax.device_count()
-  if not 1 <= n <= jax.device_count():
-    raise SpeedError(f"--devices {n}: there are {jax.device_count()} devices.")
-  mesh = sharding.make_mesh(n)
+def _header(args, rows, n: int, dev, mem_limit) -> tuple[dict, str, int, str]:
+  """(header lines, dtype, free bytes, what the free figure is)."""
   dtype = args.dtype or ("mixed" if len({r.config.model_kw.get("dtype", "float32") for r in rows})
                          > 1 else (rows[0].config.model_kw.get("dtype", "float32") if rows
                                    else "float32"))
-  mem_limit = int(args.mem_limit * GiB) if args.mem_limit else None
-
   header = {"device": f"{n} x {dev.device_kind} ({dev.platform})",
             "jax": f"{jax.__version__} (flax {importlib.metadata.version('flax')}, optax "
                    f"{importlib.metadata.version('optax')})",
@@ -864,11 +862,11 @@ def run(args) -> int:
                                                          f"(+{args.warmup})"}
   free, free_kind = free_memory(mem_limit)
   header["free memory"] = f"{_gib(free)} ({free_kind})"
+  return header, dtype, free, free_kind
 
-  if args.find_max_batch:
-    header.pop("rounds x iters (+warmup)")
-    return find_max_batches(args, rows, mesh, free, free_kind, header)
 
+def _matmul_peak(args, dev, dtype: str, header: dict) -> float:
+  """The measured (or given) matmul peak; the header says which and, off CPU, the table's."""
   if args.matmul_peak and dev.platform == "cpu":
     measured = args.matmul_peak * 1e9
   else:
@@ -882,6 +880,197 @@ def run(args) -> int:
     header["matmul peak"] = (f"{measured / 1e12:.0f} TFLOP/s measured ({dtype} 8192^2); "
                              f"MFU against the {'table' if tp else 'unknown'} peak"
                              + (f" {tp / 1e12:.0f} TFLOP/s per device" if tp else ""))
+  return measured
+
+
+def _start_timm(args, header: dict, timm_device: str):
+  """The timm worker (None without --timm-python or when it cannot start)."""
+  if not args.timm_python:
+    return None
+  try:
+    worker = TimmWorker(args.timm_python)
+    hello = worker.call(op="hello")
+    threads = f"{hello['threads']} (default)"
+    if args.timm_threads:
+      threads = f"{worker.call(op='threads', n=args.timm_threads)['threads']} (--timm-threads)"
+    omp = os.environ.get("OMP_WAIT_POLICY")
+    header["timm"] = (f"timm {hello['timm']}, torch {hello['torch']}, torch threads {threads}"
+                      + (f", OMP_WAIT_POLICY={omp}" if omp else "") + f", device {timm_device}"
+                      + (f" ({hello['cuda_device']})" if timm_device == "cuda" else ""))
+    return worker
+  except (TimmError, OSError, json.JSONDecodeError) as e:
+    log(f"timm: cannot start {args.timm_python} {WORKER}: {e}; continuing without timm.")
+    header["timm"] = f"failed to start: {e}"
+    return None
+
+
+def _failure(row: Row, v: str, e: Exception) -> str:
+  return (oom_message(row.name, v, row_batch(row, v), batch_flag(v), e) if is_oom(e)
+          else f"{row.name} {LABELS[v]}: {type(e).__name__}: {e}")
+
+
+def _compile_row(ours: "Ours", row: Row, mem_limit) -> dict[str, str]:
+  """Compiles every variant of the row that fits; {variant: why it failed}."""
+  failed: dict[str, str] = {}
+  for v in row.variants:
+    b = row_batch(row, v)
+    try:
+      log(f"[{row.name}] compiling {variant_label(row, v)} (batch {b}) ...")
+      prog = ours.compile(v, b)
+      log(f"[{row.name}]   {prog.compile_s:.1f} s, XLA estimate {_gib(prog.mem_bytes)}"
+          + (f", {prog.flops / b / 1e9:.3g} GFLOP/img" if prog.flops else ""))
+      f, fk = free_memory(mem_limit)
+      _fit_or_raise(ours, prog, f, fk)
+      ours.programs[v] = prog
+    except SpeedError as e:
+      failed[v] = str(e)
+    except Exception as e:  # noqa: BLE001
+      failed[v] = _failure(row, v, e)
+    if v in failed:
+      log("ERROR: " + failed[v])
+  return failed
+
+
+@dataclasses.dataclass
+class Timings:
+  ours: dict[str, list[float]]
+  timm: dict[str, list[float]]
+  timm_err: dict[str, str]
+  timm_info: dict
+
+
+def _time_row(ours: "Ours", row: Row, worker, timm_device: str, args,
+              failed: dict[str, str]) -> Timings:
+  """Allocates, then --rounds rounds of every compiled variant, ours then timm's."""
+  ok = [v for v in row.variants if v in ours.programs]
+  t = Timings({v: [] for v in ok}, {v: [] for v in ok}, {}, {})
+  try:
+    ours.allocate(ok)
+  except Exception as e:  # noqa: BLE001
+    msg = (oom_message(row.name, ok[0], row_batch(row, ok[0]), batch_flag(ok[0]), e)
+           if is_oom(e) else f"{row.name}: allocating: {type(e).__name__}: {e}")
+    log("ERROR: " + msg)
+    failed.update({v: msg for v in ok})
+    return t
+  if worker is not None and ok:
+    try:
+      log(f"[{row.name}] timm setup ...")
+      t.timm_info = worker.call(op="setup", row=timm_spec(row, timm_device))
+    except TimmError as e:
+      log(f"[{row.name}] timm setup failed: {e}")
+      t.timm_err = {v: str(e) for v in ok}
+  for r in range(args.rounds):
+    timm_round: dict[str, dict] = {}
+    for v in list(ok):
+      try:
+        t.ours[v].append(ours.time(v, args.iters, args.warmup))
+      except Exception as e:  # noqa: BLE001
+        failed[v] = _failure(row, v, e)
+        log("ERROR: " + failed[v])
+        ok.remove(v)
+        if v.startswith("train"):  # the donated state is gone: no more train variants
+          for w in [w for w in ok if w.startswith("train")]:
+            failed[w] = failed[v]
+            ok.remove(w)
+        continue
+      ours.programs[v].peak = peak_so_far()[0]
+      if worker is not None and v not in t.timm_err:
+        w = TIMM_WHAT[v]
+        try:
+          if w not in timm_round:
+            timm_round[w] = worker.call(op="time", what=w, iters=args.iters, warmup=args.warmup)
+          t.timm[v].append(timm_round[w]["seconds"])
+        except TimmError as e:
+          t.timm_err[v] = str(e)
+          log(f"[{row.name}] timm {w}: {e}")
+      b = row_batch(row, v)
+      log(f"[{row.name}] round {r + 1}/{args.rounds} {variant_label(row, v)}: ours "
+          f"{b / t.ours[v][-1]:.1f} img/s"
+          + (f", timm {b / t.timm[v][-1]:.1f} img/s"
+             if t.timm.get(v) and len(t.timm[v]) == r + 1 else ""))
+  return t
+
+
+def _result(ours: "Ours", row: Row, v: str, t: Timings, failed: dict[str, str], peak: float | None,
+            peak_kind: str, with_timm: bool) -> dict:
+  """One table row: best of the rounds, ratio to timm's best, compile, memory, MFU."""
+  b = row_batch(row, v)
+  res = {"row": row.name, "variant": v, "label": variant_label(row, v), "batch": b}
+  if v in failed or v not in ours.programs:
+    return {**res, "error": failed.get(v, "not run")}
+  p = ours.programs[v]
+  best = min(t.ours[v])
+  res.update({"ours_img_s": b / best, "ours_step_s": best, "ours_times_s": t.ours[v],
+              "compile_s": p.compile_s, "xla_mem_bytes": p.mem_bytes,
+              "peak_bytes": p.peak, "peak_kind": peak_kind,
+              "flops_per_step": p.flops,
+              "gflop_per_img": p.flops / b / 1e9 if p.flops else None,
+              "params": ours.params, "dtype": row.config.model_kw.get("dtype", "float32")})
+  res["mfu"] = p.flops / best / peak if (p.flops and peak) else None
+  res["achieved_tflop_s"] = p.flops / best / 1e12 if p.flops else None
+  if with_timm:
+    if t.timm.get(v):
+      tb = min(t.timm[v])
+      res.update(timm_img_s=b / tb, timm_step_s=tb, timm_times_s=t.timm[v],
+                 ratio=(b / best) / (b / tb), timm_what=TIMM_WHAT[v],
+                 timm_params=t.timm_info.get("params"))
+    else:
+      res["timm_error"] = t.timm_err.get(v, "not run")
+  return res
+
+
+def _flop_shares(row: Row, row_results: list[dict], step_flops_per_img: dict[str, float], mesh,
+                 args) -> list[str]:
+  """The in-step teacher's FLOPs next to the students' steps (notes for the table)."""
+  r0 = next(r for r in row_results if not r.get("error"))
+  if not r0.get("flops_per_step"):
+    return []
+  notes = []
+  t_img = r0["flops_per_step"] / r0["batch"]
+  for ref in row.flop_reference:
+    s_img = step_flops_per_img.get(ref)
+    if s_img is None:
+      s_img = reference_step_flops(ref, mesh, args)
+      if s_img:
+        step_flops_per_img[ref] = s_img
+    if s_img:
+      notes.append(f"{row.name}: forward {t_img / 1e9:.2f} GFLOP/img = {t_img / s_img:.2f}x "
+                   f"the {ref} train step ({s_img / 1e9:.2f} GFLOP/img); inside that step it "
+                   f"would be {100 * t_img / (t_img + s_img):.0f}% of the FLOPs")
+      r0.setdefault("flop_share", []).append(
+          {"row": row.name, "reference": ref, "teacher_gflop_per_img": t_img / 1e9,
+           "student_step_gflop_per_img": s_img / 1e9, "ratio": t_img / s_img})
+  return notes
+
+
+def _print_problems(row: Row, ours: "Ours", row_results: list[dict], t: Timings,
+                    with_timm: bool) -> list[str]:
+  for res in row_results:
+    if res.get("error"):
+      print(f"  ! {res['error']}", flush=True)
+    elif res.get("timm_error") and with_timm:
+      print(f"  ! timm {res['variant']}: {res['timm_error']}", flush=True)
+  if t.timm_info.get("params") and ours.params and t.timm_info["params"] != ours.params:
+    msg = (f"{row.name}: parameter counts differ: ours {ours.params:,}, timm "
+           f"{t.timm_info['params']:,}")
+    print(f"  ! {msg}", flush=True)
+    return [msg]
+  return []
+
+
+def run(args) -> int:
+  rows = select_rows(args)
+  dev = jax.devices()[0]
+  n = args.devices or jax.device_count()
+  if not 1 <= n <= jax.device_count():
+    raise SpeedError(f"--devices {n}: there are {jax.device_count()} devices.")
+  mesh = sharding.make_mesh(n)
+  mem_limit = int(args.mem_limit * GiB) if args.mem_limit else None
+  header, dtype, free, free_kind = _header(args, rows, n, dev, mem_limit)
+  if args.find_max_batch:
+    header.pop("rounds x iters (+warmup)")
+    return find_max_batches(args, rows, mesh, free, free_kind, header)
+  measured = _matmul_peak(args, dev, dtype, header)
 
   def peak_for(row: Row) -> float | None:
     if dev.platform == "cpu":
@@ -889,24 +1078,8 @@ def run(args) -> int:
     p = table_peak(dev.device_kind, row.config.model_kw.get("dtype", "float32"))
     return p * n if p else None
 
-  worker = None
   timm_device = "cuda" if dev.platform == "gpu" else "cpu"
-  if args.timm_python:
-    try:
-      worker = TimmWorker(args.timm_python)
-      hello = worker.call(op="hello")
-      threads = f"{hello['threads']} (default)"
-      if args.timm_threads:
-        threads = f"{worker.call(op='threads', n=args.timm_threads)['threads']} (--timm-threads)"
-      omp = os.environ.get("OMP_WAIT_POLICY")
-      header["timm"] = (f"timm {hello['timm']}, torch {hello['torch']}, torch threads {threads}"
-                        + (f", OMP_WAIT_POLICY={omp}" if omp else "") + f", device {timm_device}"
-                        + (f" ({hello['cuda_device']})" if timm_device == "cuda" else ""))
-    except (TimmError, OSError, json.JSONDecodeError) as e:
-      log(f"timm: cannot start {args.timm_python} {WORKER}: {e}; continuing without timm.")
-      worker = None
-      header["timm"] = f"failed to start: {e}"
-
+  worker = _start_timm(args, header, timm_device)
   _, peak_kind = peak_so_far()
   notes = legend(dev.platform, peak_kind, worker is not None,
                  any("train_precomputed" in r.variants for r in rows))
@@ -931,145 +1104,28 @@ def run(args) -> int:
 
   for row in rows:
     ours = Ours(row, mesh)
-    row_results = []
-    failed: dict[str, str] = {}
     log(f"[{row.name}] {row.description}")
-    for v in row.variants:
-      b = row_batch(row, v)
-      try:
-        log(f"[{row.name}] compiling {variant_label(row, v)} (batch {b}) ...")
-        prog = ours.compile(v, b)
-        log(f"[{row.name}]   {prog.compile_s:.1f} s, XLA estimate {_gib(prog.mem_bytes)}"
-            + (f", {prog.flops / b / 1e9:.3g} GFLOP/img" if prog.flops else ""))
-        f, fk = free_memory(mem_limit)
-        _fit_or_raise(ours, prog, f, fk)
-        ours.programs[v] = prog
-      except SpeedError as e:
-        failed[v] = str(e)
-      except Exception as e:  # noqa: BLE001
-        failed[v] = (oom_message(row.name, v, b, batch_flag(v), e) if is_oom(e)
-                     else f"{row.name} {LABELS[v]}: {type(e).__name__}: {e}")
-      if v in failed:
-        log("ERROR: " + failed[v])
-    ok = [v for v in row.variants if v in ours.programs]
-    timings = {v: [] for v in ok}
-    timm_times: dict[str, list[float]] = {v: [] for v in ok}
-    timm_err: dict[str, str] = {}
-    timm_info = {}
-    try:
-      ours.allocate(ok)
-    except Exception as e:  # noqa: BLE001
-      msg = (oom_message(row.name, ok[0], row_batch(row, ok[0]), batch_flag(ok[0]), e)
-             if is_oom(e) else f"{row.name}: allocating: {type(e).__name__}: {e}")
-      log("ERROR: " + msg)
-      for v in ok:
-        failed[v] = msg
-      ok = []
-    if worker is not None and ok:
-      try:
-        log(f"[{row.name}] timm setup ...")
-        timm_info = worker.call(op="setup", row=timm_spec(row, timm_device))
-      except TimmError as e:
-        log(f"[{row.name}] timm setup failed: {e}")
-        timm_err = {v: str(e) for v in ok}
-    for r in range(args.rounds):
-      timm_round: dict[str, float] = {}
-      for v in list(ok):
-        try:
-          timings[v].append(ours.time(v, args.iters, args.warmup))
-        except Exception as e:  # noqa: BLE001
-          failed[v] = (oom_message(row.name, v, row_batch(row, v), batch_flag(v), e)
-                       if is_oom(e) else f"{row.name} {LABELS[v]}: {type(e).__name__}: {e}")
-          log("ERROR: " + failed[v])
-          ok.remove(v)
-          if v.startswith("train"):  # the donated state is gone: no more train variants
-            for w in [w for w in ok if w.startswith("train")]:
-              failed[w] = failed[v]
-              ok.remove(w)
-          continue
-        ours.programs[v].peak = peak_so_far()[0]
-        if worker is not None and v not in timm_err:
-          w = TIMM_WHAT[v]
-          try:
-            if w not in timm_round:
-              timm_round[w] = worker.call(op="time", what=w, iters=args.iters,
-                                          warmup=args.warmup)
-            timm_times[v].append(timm_round[w]["seconds"])
-          except TimmError as e:
-            timm_err[v] = str(e)
-            log(f"[{row.name}] timm {w}: {e}")
-        log(f"[{row.name}] round {r + 1}/{args.rounds} {variant_label(row, v)}: ours "
-            f"{row_batch(row, v) / timings[v][-1]:.1f} img/s"
-            + (f", timm {row_batch(row, v) / timm_times[v][-1]:.1f} img/s"
-               if timm_times.get(v) and len(timm_times[v]) == r + 1 else ""))
-    for v in row.variants:
-      b = row_batch(row, v)
-      if v in failed or v not in ours.programs:
-        res = {"row": row.name, "variant": v, "label": variant_label(row, v), "batch": b,
-               "error": failed.get(v, "not run")}
-      else:
-        p = ours.programs[v]
-        best = min(timings[v])
-        res = {"row": row.name, "variant": v, "label": variant_label(row, v), "batch": b,
-               "ours_img_s": b / best, "ours_step_s": best, "ours_times_s": timings[v],
-               "compile_s": p.compile_s, "xla_mem_bytes": p.mem_bytes,
-               "peak_bytes": p.peak, "peak_kind": peak_kind,
-               "flops_per_step": p.flops,
-               "gflop_per_img": p.flops / b / 1e9 if p.flops else None,
-               "params": ours.params, "dtype": row.config.model_kw.get("dtype", "float32")}
-        pk = peak_for(row)
-        res["mfu"] = p.flops / best / pk if (p.flops and pk) else None
-        res["achieved_tflop_s"] = p.flops / best / 1e12 if p.flops else None
-        if v == "train" and p.flops:
-          step_flops_per_img[row.name.split("/")[0]] = p.flops / b
-        if worker is not None:
-          if timm_times.get(v):
-            tb = min(timm_times[v])
-            res.update(timm_img_s=b / tb, timm_step_s=tb, timm_times_s=timm_times[v],
-                       ratio=(b / best) / (b / tb), timm_what=TIMM_WHAT[v],
-                       timm_params=timm_info.get("params"))
-          else:
-            res["timm_error"] = timm_err.get(v, "not run")
-      row_results.append(res)
+    failed = _compile_row(ours, row, mem_limit)
+    t = _time_row(ours, row, worker, timm_device, args, failed)
+    row_results = [_result(ours, row, v, t, failed, peak_for(row), peak_kind, worker is not None)
+                   for v in row.variants]
+    for res in row_results:
+      if res["variant"] == "train" and res.get("flops_per_step"):
+        step_flops_per_img[row.name.split("/")[0]] = res["flops_per_step"] / res["batch"]
       results.append(res)
       print(table_line(format_result(res)), flush=True)
-    for res in row_results:
-      if res.get("error"):
-        print(f"  ! {res['error']}", flush=True)
-      elif res.get("timm_error") and worker is not None:
-        print(f"  ! timm {res['variant']}: {res['timm_error']}", flush=True)
-    if timm_info.get("params") and ours.params and timm_info["params"] != ours.params:
-      msg = (f"{row.name}: parameter counts differ: ours {ours.params:,}, timm "
-             f"{timm_info['params']:,}")
-      extra_notes.append(msg)
-      print(f"  ! {msg}", flush=True)
+    extra_notes += _print_problems(row, ours, row_results, t, worker is not None)
     row_ok[row.name] = any(not r.get("error") for r in row_results)
-    # The in-step teacher's FLOPs next to the students' steps.
     if row.flop_reference and row_ok[row.name]:
-      r0 = next(r for r in row_results if not r.get("error"))
-      if r0.get("flops_per_step"):
-        t_img = r0["flops_per_step"] / r0["batch"]
-        for ref in row.flop_reference:
-          s_img = step_flops_per_img.get(ref)
-          if s_img is None:
-            s_img = reference_step_flops(ref, mesh, args)
-            if s_img:
-              step_flops_per_img[ref] = s_img
-          if s_img:
-            share = (f"{row.name}: forward {t_img / 1e9:.2f} GFLOP/img = {t_img / s_img:.2f}x "
-                     f"the {ref} train step ({s_img / 1e9:.2f} GFLOP/img); inside that step it "
-                     f"would be {100 * t_img / (t_img + s_img):.0f}% of the FLOPs")
-            extra_notes.append(share)
-            res_share = {"row": row.name, "reference": ref, "teacher_gflop_per_img": t_img / 1e9,
-                         "student_step_gflop_per_img": s_img / 1e9, "ratio": t_img / s_img}
-            r0.setdefault("flop_share", []).append(res_share)
-            print(f"  {share}", flush=True)
+      for share in _flop_shares(row, row_results, step_flops_per_img, mesh, args):
+        extra_notes.append(share)
+        print(f"  {share}", flush=True)
     ours.release()
     save()
   if worker is not None:
     worker.close()
-  load = os.getloadavg()[0]
-  extra_notes.append(f"load average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores")
+  extra_notes.append(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on "
+                     f"{os.cpu_count()} cores")
   print()
   for note in notes + extra_notes[-1:]:
     print(f"  {note}")

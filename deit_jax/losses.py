@@ -73,15 +73,17 @@ def hard_distillation(student_logits, teacher_logits):
   return cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
 
 
-def _check(kind, reduction, alpha, base_loss="ce"):
+def check(kind, reduction, alpha, base_loss="ce"):
+  """The one check of the loss settings (the trainer calls it on the config before compiling);
+  ValueError naming the setting (as `config.<name>`) and its allowed values."""
   if base_loss not in BASE_LOSSES:
-    raise ValueError(f"Unknown base loss {base_loss!r}; use one of {BASE_LOSSES}.")
+    raise ValueError(f"config.loss={base_loss!r}: unknown base loss; use one of {BASE_LOSSES}.")
   if kind not in KINDS:
-    raise ValueError(f"Unknown distillation kind {kind!r}; use one of {KINDS}.")
+    raise ValueError(f"config.distillation.kind={kind!r}; use one of {KINDS}.")
   if reduction not in REDUCTIONS:
-    raise ValueError(f"Unknown reduction {reduction!r}; use one of {REDUCTIONS}.")
+    raise ValueError(f"config.distillation.reduction={reduction!r}; use one of {REDUCTIONS}.")
   if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha={alpha} must be in [0, 1].")
+    raise ValueError(f"config.distillation.alpha={alpha} must be in [0, 1].")
 
 
 def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: str,
@@ -89,7 +91,7 @@ def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: st
                        label_smoothing: float = 0.0, base_loss: str = "ce",
                        bce_target_threshold: float | None = None) -> dict:
   """{'loss', 'base', 'distill'}; see `distillation_loss`."""
-  _check(kind, reduction, alpha, base_loss)
+  check(kind, reduction, alpha, base_loss)
   if isinstance(student_logits, Sequence) and not hasattr(student_logits, "shape"):
     cls_logits, dist_logits = student_logits
   else:

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from deit_jax import data, distill, sharding, train
+from deit_jax import compile_options, data, distill, sharding, step
+from deit_jax.plan import ConfigError, make_plan, validate_config
+from deit_jax.progress import log
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -34,33 +36,25 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows)
 
 
-def expected_fingerprint(config, plan: train.Plan, teacher_sha256: str | None) -> dict:
-  return distill.store_fingerprint(
-      config, num_examples=plan.num_train_examples, num_classes=plan.num_classes,
-      steps_per_epoch=plan.steps_per_epoch,
-      num_groups=plan.num_devices if config.mixup.per_device else 1,
-      teacher_sha256=teacher_sha256)
-
-
 def precompute_teacher(config, workdir: str) -> dict:
   kind, tcfg = config.distillation.kind, config.teacher
   if kind not in ("soft", "hard"):
-    raise train.ConfigError("--mode=precompute_teacher needs config.distillation.kind 'soft' or "
+    raise ConfigError("--mode=precompute_teacher needs config.distillation.kind 'soft' or "
                             f"'hard' (got {kind!r}): it decides what is stored.")
   if not tcfg.precomputed_dir:
-    raise train.ConfigError("--mode=precompute_teacher needs config.teacher.precomputed_dir (the "
+    raise ConfigError("--mode=precompute_teacher needs config.teacher.precomputed_dir (the "
                             "output directory).")
   if not tcfg.checkpoint:
-    raise train.ConfigError("--mode=precompute_teacher needs config.teacher.checkpoint.")
+    raise ConfigError("--mode=precompute_teacher needs config.teacher.checkpoint.")
   num_devices = jax.device_count()
   check = config.copy_and_resolve_references()
   check.teacher.source = "model"
-  train.validate_config(check, num_devices)
+  validate_config(check, num_devices)
   mesh = sharding.make_mesh(num_devices)
   batch_sh = sharding.batch_sharding(mesh)
   rules = [tuple(r) for r in config.sharding.rules]
   source = data.build_source(config.data)
-  plan = train.make_plan(config, num_devices, source.num_examples, 0, source.num_classes)
+  plan = make_plan(config, num_devices, source.num_examples, 0, source.num_classes)
   teacher = distill.load(config, mesh, rules, plan.num_classes, workdir)
   epochs = tcfg.precompute_epochs or -(-plan.total_steps // plan.steps_per_epoch)
   num_steps = epochs * plan.steps_per_epoch
@@ -68,14 +62,14 @@ def precompute_teacher(config, workdir: str) -> dict:
   out_dir = tcfg.precomputed_dir
   rng = jax.random.key_data(jax.random.key(config.seed))  # as in the train state
 
-  @jax.jit
-  def outputs(teacher_params, images, labels, step):
-    mix_key, _ = train.step_keys(rng, step)
-    mixed, _ = train.mix_batch(config, plan, mix_key, images, labels)
+  @compile_options.jit
+  def outputs(teacher_params, images, labels, i):
+    mix_key, _ = step.step_keys(rng, i)
+    mixed, _ = step.mix_batch(config, plan, mix_key, images, labels)
     values, indices = jax.lax.top_k(teacher.logits(teacher_params, mixed), top_k)
     return values.astype(jnp.dtype(tcfg.store_dtype)), indices
 
-  fingerprint = expected_fingerprint(config, plan, teacher.checksum)
+  fingerprint = distill.expected_fingerprint(config, plan, teacher.checksum, source.identity())
   t0 = time.time()
   for epoch in range(epochs):
     if distill.epoch_written(out_dir, epoch):
@@ -84,19 +78,19 @@ def precompute_teacher(config, workdir: str) -> dict:
     it = data.train_iterator(source, config.aug, global_batch_size=plan.global_batch,
                              seed=config.seed, start_step=start)
     vals, idxs = [], []
-    for step in range(start, start + plan.steps_per_epoch):
+    for i in range(start, start + plan.steps_per_epoch):
       batch = data.to_global(next(it), batch_sh)
-      v, i = outputs(teacher.params, batch["image"], batch["label"], jnp.int32(step))
-      idxs.append(_local_rows(i).astype(np.int16 if plan.num_classes < 2 ** 15 else np.int32))
+      v, ix = outputs(teacher.params, batch["image"], batch["label"], jnp.int32(i))
+      idxs.append(_local_rows(ix).astype(np.int16 if plan.num_classes < 2 ** 15 else np.int32))
       vals.append(_local_rows(v))
     distill.write_epoch(out_dir, epoch, np.stack(idxs),
                         None if kind == "hard" else np.stack(vals))
-    train.log(f"precomputed epoch {epoch + 1}/{epochs} ({time.time() - t0:.0f} s)")
+    log(f"precomputed epoch {epoch + 1}/{epochs} ({time.time() - t0:.0f} s)")
   # Wait for every process's files before declaring the store complete.
   multihost_utils.sync_global_devices("precompute_teacher")
   if jax.process_index() == 0:
     distill.write_fingerprint(out_dir, fingerprint, num_steps, jax.process_count())
   size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
-  train.log(f"Stored the teacher's {'argmax' if kind == 'hard' else f'top-{top_k} logits'} for "
+  log(f"Stored the teacher's {'argmax' if kind == 'hard' else f'top-{top_k} logits'} for "
             f"{num_steps} steps in {out_dir} ({size / 2 ** 20:.1f} MiB).")
   return {"num_steps": num_steps, "bytes": size}

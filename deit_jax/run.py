@@ -11,26 +11,33 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deit_jax import checkpoint, evaluation, models, sharding, train
+from deit_jax import checkpoint, compile_options, evaluation, models, sharding, step
+from deit_jax.plan import build_eval_source, synthetic_plan, validate_config
+from deit_jax.progress import log
+
+
+def _train(config, workdir: str, checkpoint_dir: str | None):
+  del checkpoint_dir
+  from deit_jax import train  # the loop: a leaf that only this dispatcher imports
+  return train.train_and_evaluate(config, workdir)
+
+
+def _precompute(config, workdir: str, checkpoint_dir: str | None):
+  del checkpoint_dir
+  from deit_jax import precompute
+  return precompute.precompute_teacher(config, workdir)
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str | None = None):
-  if mode == "train":
-    return train.train_and_evaluate(config, workdir)
-  if mode == "eval":
-    return run_eval(config, workdir, checkpoint)
-  if mode == "benchmark":
-    return run_benchmark(config)
-  if mode == "precompute_teacher":
-    from deit_jax import precompute
-    return precompute.precompute_teacher(config, workdir)
-  raise ValueError(f"Unknown mode {mode!r}.")
+  if mode not in MODES:
+    raise ValueError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
+  return MODES[mode](config, workdir, checkpoint)
 
 
 def _variables(model) -> tuple:
   """(eval graphdef, parameters + BatchNorm statistics as one string-keyed tree)."""
   graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return graphdef, checkpoint.merge_trees(*(train.str_keys(s) for s in states))
+  return graphdef, checkpoint.merge_trees(*(step.str_keys(s) for s in states))
 
 
 def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[str, float]:
@@ -54,7 +61,7 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[st
     config.aug.eval_input_size = None
   size = config.aug.input_size
   num_classes = jax.eval_shape(lambda: model(jnp.zeros((1, size, size, 3)))).shape[-1]
-  source = train.build_eval_source(config)
+  source = build_eval_source(config)
   if source.num_classes != num_classes:
     raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
                      f"{num_classes}.")
@@ -63,10 +70,10 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[st
   variables = jax.device_put(variables, sharding.replicated(mesh))
   ema_vars = None if ema is None else jax.device_put(_variables(ema)[1],
                                                      sharding.replicated(mesh))
-  step = jax.jit(evaluation.make_eval_step(graphdef))
-  results = evaluation.evaluate(step, variables, ema_vars, source, config,
+  eval_step = compile_options.jit(evaluation.make_eval_step(graphdef))
+  results = evaluation.evaluate(eval_step, variables, ema_vars, source, config,
                                 sharding.batch_sharding(mesh))
-  train.log("eval of " + ckpt_dir + ": " + ", ".join(
+  log("eval of " + ckpt_dir + ": " + ", ".join(
       f"{k[5:]} {v:.2f}" for k, v in sorted(results.items()) if k != "eval/count"))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -81,13 +88,10 @@ def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, floa
   config = ml_collections.ConfigDict(config.to_dict())
   config.distillation.kind = "none"
   num_devices = jax.device_count()
-  train.validate_config(config, num_devices)
+  validate_config(config, num_devices)
   mesh = sharding.make_mesh(num_devices)
-  plan = train.Plan(num_devices=num_devices, global_batch=config.batch_size,
-                    micro_batch=config.batch_size // config.grad_accum_steps, steps_per_epoch=1000,
-                    total_steps=100_000, warmup_steps=1000, peak_lr=1e-3, num_train_examples=0,
-                    num_eval_examples=0, num_classes=config.data.num_classes)
-  student = train.build_model_state(config, plan, mesh)
+  plan = synthetic_plan(config, num_devices)
+  student = step.build_model_state(config, plan, mesh)
   size = config.aug.input_size
 
   def images(n):
@@ -106,21 +110,30 @@ def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, floa
     return (time.perf_counter() - t) / iters
 
   state = student.init()
-  infer = jax.jit(lambda v, x: nnx.merge(student.eval_graphdef, v)(x))
+  infer = compile_options.jit(lambda v, x: nnx.merge(student.eval_graphdef, v)(x))
   eval_images = images(config.eval_batch_size)
-  variables = train.persistent(state)
+  variables = step.persistent(state)
   infer_s = timed(lambda out: infer(variables, eval_images), None)
 
-  step = train.jit_train_step(config, plan, student, mesh)
+  train_step = step.jit_train_step(config, plan, student, mesh)
   batch = {"image": images(config.batch_size),
            "label": jax.device_put(jnp.zeros((config.batch_size,), jnp.int32),
                                    sharding.batch_sharding(mesh))}
-  train_s = timed(lambda st: step(st, batch, None)[0], state)
+  train_s = timed(lambda st: train_step(st, batch, None)[0], state)
   result = {"model": config.model, "devices": num_devices,
             "device_kind": jax.devices()[0].device_kind, "dtype": config.model_kw.dtype,
             "inference_batch": config.eval_batch_size,
             "inference_img_per_s": round(config.eval_batch_size / infer_s, 1),
             "train_batch": config.batch_size,
             "train_img_per_s": round(config.batch_size / train_s, 1)}
-  train.log(json.dumps(result))
+  log(json.dumps(result))
   return result
+
+
+# What `launch.py --mode=NAME` runs: (config, workdir, --checkpoint) -> results.
+MODES = {
+    "train": _train,
+    "eval": run_eval,
+    "benchmark": lambda config, workdir, checkpoint_dir: run_benchmark(config),
+    "precompute_teacher": _precompute,
+}

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from deit_jax import trees
+
 DATA = "data"
 RULES = ("replicate", "fsdp")
 # Below this many elements sharding a leaf saves nothing worth the collectives.
@@ -38,16 +40,6 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
 def _fsdp_spec(shape: Sequence[int], n: int) -> P:
   if int(np.prod(shape)) < _MIN_FSDP_SIZE:
     return P()
@@ -62,7 +54,7 @@ def _fsdp_spec(shape: Sequence[int], n: int) -> P:
 def validate_rules(rules: Sequence[tuple[str, str]]):
   for pattern, rule in rules:
     if rule not in RULES:
-      raise ValueError(f"Unknown sharding rule {rule!r} for {pattern!r}; use one of {RULES}.")
+      raise ValueError(f"unknown rule {rule!r} for {pattern!r}; use one of {RULES}.")
     re.compile(pattern)
 
 
@@ -73,7 +65,7 @@ def tree_shardings(tree: Any, mesh, rules: Sequence[tuple[str, str]] = ((".*", "
   compiled = [(re.compile(p), r) for p, r in rules]
 
   def one(path, leaf):
-    name = _path_str(path)
+    name = trees.path_str(path)
     rule = next((r for p, r in compiled if p.search(name)), "replicate")
     shape = getattr(leaf, "shape", ())
     spec = _fsdp_spec(shape, n) if rule == "fsdp" and shape else P()

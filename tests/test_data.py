@@ -229,6 +229,35 @@ def test_build_source_errors():
   assert data.build_source(data.default_data_config()).num_examples == 1437
 
 
+def test_source_registry_and_identities(image_folder, tmp_path):
+  import json
+  assert set(data.SOURCES) == {"tfds", "folder", "arrays", "digits", "mnist5k"}
+  with pytest.raises(ValueError, match="registered sources: 'arrays', 'digits', 'folder', "
+                     "'mnist5k', 'tfds'"):
+    data.build_source({"source": "imagenet"})
+  digits = data.build_source({"source": "digits", "split": "test"}).identity()
+  assert digits == data.build_source({"source": "digits", "split": "test"}).identity()
+  assert {k: digits[k] for k in ("source", "split", "image_size")} == {
+      "source": "digits", "split": "test", "image_size": None}
+  assert len(digits["arrays_sha256"]) == 64 and set(data.IDENTITY_KEYS) <= set(digits)
+  assert digits != data.build_source({"source": "digits", "split": "train"}).identity()
+  folder = data.build_source({"source": "folder", "root": str(image_folder)}).identity()
+  assert folder["root"] == os.path.abspath(image_folder) and folder["classes"] == ["cat", "dog"]
+  header = data.build_source({"source": "folder", "root": str(image_folder),
+                              "validate": "header"}).identity()
+  assert header["files_sha256"] != folder["files_sha256"]  # it keeps the truncated JPEG
+  path = tmp_path / "d.npz"
+  np.savez(path, image=np.zeros((4, 5, 5, 3), np.uint8), label=np.arange(4))
+  arrays = data.build_source({"source": "arrays", "path": str(path)}).identity()
+  assert arrays["path"] == str(path) and arrays["source"] == "arrays"
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    cifar = data.build_source({"source": "tfds", "name": "cifar10", "split": "train"}).identity()
+  assert cifar["tfds_full_name"].startswith("cifar10/") and cifar["image_key"] == "image"
+  for identity in (digits, folder, arrays, cifar):
+    assert json.loads(json.dumps(identity)) == identity
+
+
 # ----------------------------------------------------------------------------------------------
 # Sample plan: repeated augmentation.
 # ----------------------------------------------------------------------------------------------

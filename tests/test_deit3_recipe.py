@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from deit_jax import checkpoint, config, evaluation, losses, models, teachers, train
+from deit_jax import checkpoint, config, evaluation, losses, models, step, teachers, train
+from deit_jax import plan as plan_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -67,11 +68,11 @@ def test_lamb_is_timms_lamb():
   ref = np.load(os.path.join(FIX, "lamb_timm.npz"))
   c = config.deit3_config("small")
   c.optimizer.update(lr=1e-2, lr_base_batch=c.batch_size, warmup_epochs=0.0, min_lr=1e-2)
-  plan = train.Plan(num_devices=1, global_batch=c.batch_size, micro_batch=c.batch_size,
+  plan = plan_lib.Plan(num_devices=1, global_batch=c.batch_size, micro_batch=c.batch_size,
                     steps_per_epoch=10, total_steps=10, warmup_steps=0, peak_lr=1e-2,
                     num_train_examples=0, num_eval_examples=0, num_classes=10)
   params = {k: jnp.asarray(ref[f"init_{k}"]) for k in ("w", "b", "gamma")}
-  tx, _ = train.make_optimizer(c, plan, params)
+  tx, _ = step.make_optimizer(c, plan, params)
   state = tx.init(params)
   for i in range(3):
     grads = {k: jnp.asarray(ref[f"grad{i}_{k}"]) for k in params}
@@ -89,8 +90,8 @@ def test_deit3_configs_validate(arg):
   if "distilled" in arg:
     assert c.distillation.kind == "hard"
     c.distillation.kind = "none"  # the teacher checkpoint is the user's to give
-  train.validate_config(c, 8)
-  cfg = models.model_config(c.model, **train.model_overrides(c))
+  plan_lib.validate_config(c, 8)
+  cfg = models.model_config(c.model, **plan_lib.model_overrides(c))
   assert cfg.layer_scale_init is not None and cfg.no_embed_class and cfg.drop_path_uniform
   assert cfg.distilled == ("distilled" in arg)
   if "ft" in arg:
@@ -112,12 +113,12 @@ def test_deit3_config_bad_arguments():
     deit3.get_config("base,distiled")
   with pytest.raises(ValueError, match="finetune_size"):
     deit3.get_config("small,ft224")  # S trains at 224 already
-  with pytest.raises(train.ConfigError, match="config.loss"):
-    train.validate_config(_tiny(**{"loss": "focal"}), 8)
-  with pytest.raises(train.ConfigError, match="optimizer.name"):
-    train.validate_config(_tiny(**{"optimizer.name": "sgd"}), 8)
-  with pytest.raises(train.ConfigError, match="eval_input_size=20.*multiple of patch_size"):
-    train.validate_config(_tiny(**{"aug.eval_input_size": 20}), 8)
+  with pytest.raises(plan_lib.ConfigError, match="config.loss"):
+    plan_lib.validate_config(_tiny(**{"loss": "focal"}), 8)
+  with pytest.raises(plan_lib.ConfigError, match="optimizer.name"):
+    plan_lib.validate_config(_tiny(**{"optimizer.name": "sgd"}), 8)
+  with pytest.raises(plan_lib.ConfigError, match="eval_input_size=20.*multiple of patch_size"):
+    plan_lib.validate_config(_tiny(**{"aug.eval_input_size": 20}), 8)
 
 
 def _tiny(**overrides):
@@ -156,7 +157,7 @@ def test_tiny_distilled_deit3_trains_with_a_cnn_teacher_and_evaluates_at_another
   trained = checkpoint.load_model(os.path.join(workdir, "checkpoints"))
   assert trained.config.img_size == 16 and trained.pos_embed.shape == (1, 4, 48)
   at_24 = checkpoint.load_model(os.path.join(workdir, "checkpoints"), img_size=24)
-  cfg = models.model_config(c.model, **{**train.model_overrides(c), "img_size": 24})
+  cfg = models.model_config(c.model, **{**plan_lib.model_overrides(c), "img_size": 24})
   eval_model = nnx.eval_shape(lambda: models.DeiT(cfg, rngs=nnx.Rngs(0)))
   eval_model.eval()
   graphdef = nnx.split(eval_model, nnx.Param)[0]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deit_jax import checkpoint, convert, distill, precompute, sharding, teachers, train
+from deit_jax import checkpoint, convert, data, distill, precompute, sharding, teachers, train
+from deit_jax import plan as plan_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_config  # noqa: E402
@@ -72,7 +73,7 @@ def test_precomputed_store_refuses_another_stream(teacher_dir, tmp_path):
   precompute.precompute_teacher(cfg(teacher_dir, "hard", **overrides), str(tmp_path / "pre"))
   run = cfg(teacher_dir, "hard", **overrides, **{"teacher.source": "precomputed", "seed": 7,
                                                   "aug.reprob": 0.5})
-  with pytest.raises(train.ConfigError) as e:
+  with pytest.raises(plan_lib.ConfigError) as e:
     train.train_and_evaluate(run, str(tmp_path / "run"))
   assert "seed: stored 0, this run 7" in str(e.value) and "aug/reprob" in str(e.value)
   other_teacher = str(tmp_path / "other")
@@ -80,11 +81,72 @@ def test_precomputed_store_refuses_another_stream(teacher_dir, tmp_path):
   checkpoint.assign_params(m, {k: v + 1 for k, v in checkpoint.model_params(m).items()})
   checkpoint.save_model(m, other_teacher)
   run = cfg(other_teacher, "hard", **overrides, **{"teacher.source": "precomputed"})
-  with pytest.raises(train.ConfigError, match="teacher/sha256"):
+  with pytest.raises(plan_lib.ConfigError, match="teacher/sha256"):
     train.train_and_evaluate(run, str(tmp_path / "run2"))
   run = cfg(teacher_dir, "soft", **overrides, **{"teacher.source": "precomputed"})
-  with pytest.raises(train.ConfigError, match="kind: stored 'hard', this run 'soft'"):
+  with pytest.raises(plan_lib.ConfigError, match="kind: stored 'hard', this run 'soft'"):
     train.train_and_evaluate(run, str(tmp_path / "run3"))
+
+
+# The data keys version 1 of the fingerprint listed by hand (before sources described themselves).
+_OLD_DATA_KEYS = ("source", "name", "split", "root", "path", "image_size")
+
+
+def _folder(root):
+  """root/train/{a,b}/ with one PNG each and a truncated JPEG in b/."""
+  import io
+  from PIL import Image
+
+  def encode(size, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+  rng = np.random.default_rng(0)
+  for cls in ("a", "b"):
+    os.makedirs(root / "train" / cls)
+    (root / "train" / cls / "x.png").write_bytes(encode(8, "PNG"))
+  jpeg = encode(16, "JPEG")
+  (root / "train" / "b" / "broken.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  return str(root)
+
+
+def test_store_fingerprint_names_the_source_not_a_key_list(tmp_path):
+  """Sources that differ only in a data key version 1 did not list yield other examples: a
+  store made from one is refused for the other, and an old store reads as a difference."""
+  config = tiny_config.get_config()
+  config.distillation.kind = "hard"
+  plan = plan_lib.make_plan(config, 8, 64, 0, 10)
+
+  def expected(identity):
+    return distill.expected_fingerprint(config, plan, "t", identity)
+
+  images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+  arrays = {"source": "arrays", "images": images, "labels": np.arange(64) % 10}
+  root = _folder(tmp_path / "folder")
+  folder = {"source": "folder", "root": root, "validate": "decode"}
+  pairs = [  # (a store is made from, a run reads it with, the key that tells them apart)
+      (arrays, {**arrays, "images": images[::-1].copy()}, "data/arrays_sha256"),
+      (folder, {**folder, "validate": "header"}, "data/files_sha256")]  # keeps broken.jpg
+  for made, run, key in pairs:
+    assert {k: made.get(k) for k in _OLD_DATA_KEYS} == {k: run.get(k) for k in _OLD_DATA_KEYS}
+    store = str(tmp_path / f"store_{made['source']}")
+    os.makedirs(store)
+    distill.write_fingerprint(store, expected(data.build_source(made).identity()),
+                              plan.total_steps, 1)
+    distill.PrecomputedTeacher(store, expected(data.build_source(made).identity()),
+                               plan.total_steps)  # the same source: accepted
+    with pytest.raises(distill.TeacherError,
+                       match=f"{key}: stored '[0-9a-f]{{64}}', this run '[0-9a-f]{{64}}'"):
+      distill.PrecomputedTeacher(store, expected(data.build_source(run).identity()),
+                                 plan.total_steps)
+  # A store written before (its data entry: the old key list) reports what it lacks.
+  old_store = str(tmp_path / "old_store")
+  os.makedirs(old_store)
+  distill.write_fingerprint(old_store, expected({k: folder.get(k) for k in _OLD_DATA_KEYS}),
+                            plan.total_steps, 1)
+  with pytest.raises(distill.TeacherError, match="data/files_sha256: stored None, this run '"):
+    distill.PrecomputedTeacher(old_store, expected(data.build_source(folder).identity()),
+                               plan.total_steps)
 
 
 def test_teacher_resizes_and_renormalizes_inside_the_step():
@@ -112,10 +174,10 @@ def test_teacher_with_another_class_count_is_refused(tmp_path):
 
 
 def test_missing_or_unreadable_teacher(tmp_path):
-  with pytest.raises(train.ConfigError, match="needs a teacher"):
-    train.validate_config(cfg("", "hard"), 8)
-  with pytest.raises(train.ConfigError, match="not a directory"):
-    train.validate_config(cfg(str(tmp_path / "nowhere"), "soft"), 8)
+  with pytest.raises(plan_lib.ConfigError, match="needs a teacher"):
+    plan_lib.validate_config(cfg("", "hard"), 8)
+  with pytest.raises(plan_lib.ConfigError, match="not a directory"):
+    plan_lib.validate_config(cfg(str(tmp_path / "nowhere"), "soft"), 8)
   (tmp_path / "empty").mkdir()
   with pytest.raises(distill.TeacherError, match="no Orbax checkpoint"):
     train.train_and_evaluate(cfg(str(tmp_path / "empty"), "hard"), str(tmp_path / "run"))

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from deit_jax import checkpoint, data, sharding, train
+from deit_jax import checkpoint, data, sharding, step, train
+from deit_jax import plan as plan_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_config  # noqa: E402
@@ -28,14 +29,14 @@ def cfg(**overrides):
 def _one_step(config, num_devices):
   mesh = sharding.make_mesh(num_devices)
   source = data.build_source(config.data)
-  plan = train.make_plan(config, num_devices, source.num_examples, 360, source.num_classes)
-  model = train.build_model_state(config, plan, mesh)
+  plan = plan_lib.make_plan(config, num_devices, source.num_examples, 360, source.num_classes)
+  model = step.build_model_state(config, plan, mesh)
   batch = next(data.train_iterator(source, config.aug, global_batch_size=config.batch_size,
                                    seed=config.seed))
   batch = data.to_global({k: batch[k] for k in ("image", "label")},
                          sharding.batch_sharding(mesh))
-  step = train.jit_train_step(config, plan, model, mesh)
-  state, metrics = step(model.init(), batch, None)
+  train_step = step.jit_train_step(config, plan, model, mesh)
+  state, metrics = train_step(model.init(), batch, None)
   return jax.device_get(state["params"]), jax.device_get(metrics)
 
 
@@ -71,10 +72,10 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 def test_lr_schedule_follows_timm():
   c = cfg(**{"optimizer.warmup_epochs": 1.0})
-  plan = train.make_plan(c, 1, 16 * 10, 16, 10)  # 10 steps per epoch, 6 steps in all
+  plan = plan_lib.make_plan(c, 1, 16 * 10, 16, 10)  # 10 steps per epoch, 6 steps in all
   c.total_steps = 100
-  plan = train.make_plan(c, 1, 16 * 10, 16, 10)
-  sched = train.lr_schedule(c, plan)
+  plan = plan_lib.make_plan(c, 1, 16 * 10, 16, 10)
+  sched = step.lr_schedule(c, plan)
   peak, lo, start = plan.peak_lr, c.optimizer.min_lr, c.optimizer.warmup_lr
   assert plan.warmup_steps == 10 and math.isclose(peak, 5e-4 * 16 / 512)
   np.testing.assert_allclose(sched(0), start, rtol=1e-6)
@@ -89,11 +90,11 @@ def test_weight_decay_mask():
             "dist_token": np.zeros((1, 1, 4)),
             "blocks": {"0": {"norm1": {"scale": np.zeros(4), "bias": np.zeros(4)},
                              "attn": {"qkv": {"kernel": np.zeros((4, 12)), "bias": np.zeros(12)}}}}}
-  m = checkpoint.flatten(train.decay_mask(params, decay_dist_token=True))
+  m = checkpoint.flatten(step.decay_mask(params, decay_dist_token=True))
   assert m == {"pos_embed": False, "cls_token": False, "dist_token": True,
                "blocks/0/norm1/scale": False, "blocks/0/norm1/bias": False,
                "blocks/0/attn/qkv/kernel": True, "blocks/0/attn/qkv/bias": False}
-  assert not checkpoint.flatten(train.decay_mask(params, decay_dist_token=False))["dist_token"]
+  assert not checkpoint.flatten(step.decay_mask(params, decay_dist_token=False))["dist_token"]
 
 
 def _final_params(workdir, ema=False):
@@ -163,7 +164,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
 def test_workdir_of_another_model_is_refused(full_run):
   workdir, _ = full_run
   listing = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(train.ConfigError, match="different model"):
+  with pytest.raises(plan_lib.ConfigError, match="different model"):
     train.train_and_evaluate(cfg(**{"model_kw.depth": 3}), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == listing
 
@@ -189,8 +190,8 @@ def test_bad_configs_fail_before_compiling(overrides, match, tmp_path):
       c.sharding.rules = v
     else:
       c.update_from_flattened_dict({k: v})
-  with pytest.raises(train.ConfigError, match=match):
-    train.validate_config(c, 8)
+  with pytest.raises(plan_lib.ConfigError, match=match):
+    plan_lib.validate_config(c, 8)
 
 
 def _launch(args, devices, env_extra=None):
