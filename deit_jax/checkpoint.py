@@ -11,6 +11,8 @@ writes step 0. `load_model(dir)` rebuilds the model from `model` and restores `p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -70,26 +72,37 @@ def model_description(model: nnx.Module) -> dict:
   return teachers.describe(model)
 
 
+def _build_deit(description: Mapping, abstract: bool, **overrides) -> nnx.Module:
+  fields = {f.name for f in dataclasses.fields(models.DeiTConfig)}
+  stored = dict(description.get("config") or {})
+  unknown = sorted(set(stored) - fields)
+  if unknown:
+    raise CheckpointError(
+        f"Cannot rebuild the model: its description has config field(s) {unknown} that this "
+        f"deit_jax does not know (written by a newer version?). Known fields: {sorted(fields)}.")
+  try:
+    cfg = dataclasses.replace(models.DeiTConfig(**stored), **overrides).validate()
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"Cannot rebuild the model from its description: {e}") from e
+  make = lambda: models.DeiT(cfg, rngs=nnx.Rngs(0))
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def _build_teacher(description: Mapping, abstract: bool, **overrides) -> nnx.Module:
+  from deit_jax import teachers  # teachers are optional until used
+  return teachers.build(description, abstract=abstract, **overrides)
+
+
+# The model families a checkpoint's description can name: family -> builder.
+FAMILIES = {"deit": _build_deit, "teacher": _build_teacher}
+
+
 def build_model(description: Mapping, *, abstract: bool = False, **overrides) -> nnx.Module:
   family = description.get("family")
-  if family == "deit":
-    fields = {f.name for f in dataclasses.fields(models.DeiTConfig)}
-    stored = dict(description.get("config") or {})
-    unknown = sorted(set(stored) - fields)
-    if unknown:
-      raise CheckpointError(
-          f"Cannot rebuild the model: its description has config field(s) {unknown} that this "
-          f"deit_jax does not know (written by a newer version?). Known fields: {sorted(fields)}.")
-    try:
-      cfg = dataclasses.replace(models.DeiTConfig(**stored), **overrides).validate()
-    except (TypeError, ValueError) as e:
-      raise CheckpointError(f"Cannot rebuild the model from its description: {e}") from e
-    make = lambda: models.DeiT(cfg, rngs=nnx.Rngs(0))
-    return nnx.eval_shape(make) if abstract else make()
-  if family == "teacher":
-    from deit_jax import teachers
-    return teachers.build(description, abstract=abstract, **overrides)
-  raise CheckpointError(f"Unknown model family {family!r} in checkpoint description {description}.")
+  if family not in FAMILIES:
+    raise CheckpointError(f"Unknown model family {family!r} in checkpoint description "
+                          f"{description}; known: {', '.join(FAMILIES)}.")
+  return FAMILIES[family](description, abstract, **overrides)
 
 
 def assign_params(model: nnx.Module, flat: Mapping[str, Any], *, variables=nnx.Param,
@@ -253,3 +266,55 @@ def load_model(directory: str, *, step: int | None = None, ema: bool = False,
   assign_params(model, flatten(restored), variables=_persistent_filter(model))
   model.eval()
   return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums of saved steps: `<step dir>/sha256.json` ({relative path: sha256} of every file of the
+# step), written once the (asynchronous) save has committed, verified before a restore.
+# ----------------------------------------------------------------------------------------------
+CHECKSUM_FILE = "sha256.json"
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def step_digests(step_dir: str) -> dict[str, str]:
+  """{path relative to step_dir: sha256} of every file of a step but the checksum file."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if not rel.startswith(CHECKSUM_FILE):  # the checksum file (and its temporary)
+        out[rel] = _file_sha256(path)
+  return dict(sorted(out.items()))
+
+
+def write_checksums(step_dir: str) -> None:
+  digests = step_digests(step_dir)
+  tmp = os.path.join(step_dir, CHECKSUM_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(digests, f, indent=0)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUM_FILE))
+
+
+def checksum_problems(step_dir: str) -> list[str] | None:
+  """None when the step has no checksum file (not verifiable), else the files that are missing,
+  changed or unreadable ([] = intact)."""
+  path = os.path.join(step_dir, CHECKSUM_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    return [f"{CHECKSUM_FILE} unreadable ({e})"]
+  actual = step_digests(step_dir)
+  problems = [f"{k} missing" for k in recorded if k not in actual]
+  problems += [f"{k} changed" for k in recorded if k in actual and actual[k] != recorded[k]]
+  return problems

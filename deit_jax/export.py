@@ -92,8 +92,8 @@ def serving(model: nnx.Module, *, both_heads: bool = False) -> Serving:
   def apply(state, images):
     m = nnx.merge(graphdef, state)
     if both_heads:
-      _, aux = m(images, return_aux=True)
-      return aux["cls_logits"], aux["dist_logits"]
+      out = m.heads(images)
+      return out.cls, out.dist
     return m(images)
 
   return Serving(apply, state, ["cls_logits", "dist_logits"] if both_heads else ["logits"])

@@ -19,12 +19,11 @@ unchanged (the official DistillationLoss wraps whichever base criterion).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-KINDS = ("none", "soft", "hard")
 REDUCTIONS = ("official", "batchmean")
 BASE_LOSSES = ("ce", "bce")
 
@@ -73,6 +72,16 @@ def hard_distillation(student_logits, teacher_logits):
   return cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
 
 
+# The logit-based distillation kinds: kind -> term(student_logits, teacher_logits, tau, reduction).
+# A new kind is one entry here (the config check, the trainer and the precomputed store, which
+# keeps the teacher's top-k logits for any kind but 'hard', follow this table).
+DISTILLATION_TERMS: dict[str, Callable] = {
+    "soft": lambda s, t, tau, reduction: soft_distillation(s, t, tau=tau, reduction=reduction),
+    "hard": lambda s, t, tau, reduction: hard_distillation(s, t),
+}
+KINDS = ("none",) + tuple(DISTILLATION_TERMS)
+
+
 def check(kind, reduction, alpha, base_loss="ce"):
   """The one check of the loss settings (the trainer calls it on the config before compiling);
   ValueError naming the setting (as `config.<name>`) and its allowed values."""
@@ -86,16 +95,14 @@ def check(kind, reduction, alpha, base_loss="ce"):
     raise ValueError(f"config.distillation.alpha={alpha} must be in [0, 1].")
 
 
-def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: str,
+def distillation_terms(cls_logits, dist_logits, targets, teacher_logits=None, *, kind: str,
                        alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
                        label_smoothing: float = 0.0, base_loss: str = "ce",
                        bce_target_threshold: float | None = None) -> dict:
   """{'loss', 'base', 'distill'}; see `distillation_loss`."""
   check(kind, reduction, alpha, base_loss)
-  if isinstance(student_logits, Sequence) and not hasattr(student_logits, "shape"):
-    cls_logits, dist_logits = student_logits
-  else:
-    cls_logits = dist_logits = student_logits  # class token only
+  if dist_logits is None:
+    dist_logits = cls_logits  # class token only
   if base_loss == "bce":
     base = binary_cross_entropy(cls_logits, targets, target_threshold=bce_target_threshold)
   else:
@@ -105,25 +112,24 @@ def distillation_terms(student_logits, targets, teacher_logits=None, *, kind: st
   if teacher_logits is None:
     raise ValueError(f"Distillation kind {kind!r} needs teacher logits.")
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  if kind == "soft":
-    distill = soft_distillation(dist_logits, teacher_logits, tau=tau, reduction=reduction)
-  else:
-    distill = hard_distillation(dist_logits, teacher_logits)
+  distill = DISTILLATION_TERMS[kind](dist_logits, teacher_logits, tau, reduction)
   return {"loss": (1.0 - alpha) * base + alpha * distill, "base": base, "distill": distill}
 
 
-def distillation_loss(student_logits, targets, teacher_logits=None, *, kind: str,
+def distillation_loss(cls_logits, dist_logits, targets, teacher_logits=None, *, kind: str,
                       alpha: float = 0.5, tau: float = 1.0, reduction: str = "official",
                       label_smoothing: float = 0.0, base_loss: str = "ce",
                       bce_target_threshold: float | None = None):
   """The official DeiT loss (see the module docstring).
 
-  student_logits: `(cls_logits, dist_logits)` for a distilled model, or one array.
+  cls_logits, dist_logits: the class head's and the distillation head's logits
+  (`model.heads(x).cls` / `.dist`); dist_logits None for a model without a distillation token
+  (the distillation term then goes to the class head).
   targets: integer labels (smoothed with `label_smoothing`) or probabilities (mixup targets).
   teacher_logits: the frozen teacher's logits on the same (mixed) images; unused for 'none'.
   base_loss: 'ce' (DeiT) or 'bce' (DeiT III, targets binarized by `bce_target_threshold`).
   """
-  return distillation_terms(student_logits, targets, teacher_logits, kind=kind, alpha=alpha,
-                            tau=tau, reduction=reduction, label_smoothing=label_smoothing,
-                            base_loss=base_loss,
+  return distillation_terms(cls_logits, dist_logits, targets, teacher_logits, kind=kind,
+                            alpha=alpha, tau=tau, reduction=reduction,
+                            label_smoothing=label_smoothing, base_loss=base_loss,
                             bce_target_threshold=bce_target_threshold)["loss"]

@@ -6,8 +6,10 @@ when distilled: `head` reads the final-norm class token, `head_dist` the distill
 train mode it returns both heads' logits `(cls_logits, dist_logits)`; in eval mode (`model.eval()`)
 it returns their average, as the official code does (an average of logits, not of softmaxes).
 
-Every intermediate (embeddings, per-block tokens, attention weights on request, pre-logits) comes
-out of the same forward pass through `return_aux=True`.
+`model.heads(x)` is the contract the trainer, the loss and the evaluation use (shared with
+the CNN teachers, `deit_jax.outputs.Outputs`): both heads' logits by name, whatever the mode,
+plus every intermediate (embeddings, per-block tokens, attention weights on request,
+pre-logits) of the same forward pass. `model(x, return_aux=True)` returns the same intermediates beside timm's outputs.
 
 DeiT III (`deit3_*`, "Revenge of the ViT") is the same model with two config changes: LayerScale
 (`layer_scale_init`: each residual branch scaled by a learned per-channel `gamma`) and
@@ -27,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from deit_jax.outputs import Outputs
 
 # Official init: trunc_normal(std .02) for tokens, position embedding and Linear weights.
 _trunc02 = nnx.initializers.truncated_normal(stddev=0.02)
@@ -275,12 +279,26 @@ class DeiT(nnx.Module):
           f"deit_jax.augment.eval_transform), or create the model with img_size=... (position "
           f"embeddings are resized when loading a checkpoint).")
 
-  def __call__(self, images, *, rngs: nnx.Rngs | jax.Array | None = None,
-               return_aux: bool = False, return_attention: bool = False):
+  def _position_embedding(self, dtype):
+    """The position embedding, resized (bicubic, prefix rows kept; traceable) when the stored one
+    was trained for another grid, e.g. DeiT III's 192 px weights evaluated at 224 px."""
+    cfg, pos = self.config, self.pos_embed[...]
+    prefix = cfg.pos_embed_prefix_tokens
+    if pos.shape[1] != cfg.grid_size ** 2 + prefix:
+      old = int(round(math.sqrt(pos.shape[1] - prefix)))
+      w = jnp.asarray(_cubic_weights(old, cfg.grid_size), jnp.float32)
+      grid = pos[0, prefix:].reshape(old, old, -1)
+      grid = jnp.einsum("jw,iwd->ijd", w, jnp.einsum("ih,hwd->iwd", w, grid))
+      pos = jnp.concatenate([pos[:, :prefix], grid.reshape(1, cfg.grid_size ** 2, -1)], axis=1)
+    return pos.astype(dtype)
+
+  def heads(self, images, *, rngs: nnx.Rngs | jax.Array | None = None,
+            return_attention: bool = False) -> Outputs:
     """images: NHWC, normalized with the ImageNet mean/std.
 
     rngs: a key (or nnx.Rngs with a 'dropout' stream) for stochastic depth in train mode.
-    Returns logits (see module docstring), or `(logits, aux)` with `return_aux=True`.
+    Returns `Outputs(cls, dist, aux)`: the class head's and (distilled models) the distillation
+    head's float32 logits in any mode, and the named intermediates.
     """
     cfg = self.config
     self._check_images(images)
@@ -291,10 +309,11 @@ class DeiT(nnx.Module):
     x = x.reshape(b, -1, cfg.embed_dim)
     prefix = [self.cls_token[...]] + ([self.dist_token[...]] if cfg.distilled else [])
     prefix = [jnp.broadcast_to(t, (b, 1, cfg.embed_dim)).astype(dtype) for t in prefix]
+    pos = self._position_embedding(dtype)
     if cfg.no_embed_class:  # DeiT III: position embedding on the patches only
-      x = jnp.concatenate(prefix + [x + self.pos_embed[...].astype(dtype)], axis=1)
+      x = jnp.concatenate(prefix + [x + pos], axis=1)
     else:
-      x = jnp.concatenate(prefix + [x], axis=1) + self.pos_embed[...].astype(dtype)
+      x = jnp.concatenate(prefix + [x], axis=1) + pos
     aux: dict[str, Any] = {"embeddings": x}
     keys = jax.random.split(key, cfg.depth) if key is not None else [None] * cfg.depth
     for i, block in enumerate(self.blocks):
@@ -306,15 +325,28 @@ class DeiT(nnx.Module):
     aux["encoded"] = x
     aux["pre_logits"] = x[:, 0]
     logits = self.head(x[:, 0]).astype(jnp.float32)
-    aux["cls_logits"] = logits
+    dist_logits = None
     if cfg.distilled:
       aux["pre_logits_dist"] = x[:, 1]
       dist_logits = self.head_dist(x[:, 1]).astype(jnp.float32)
-      aux["dist_logits"] = dist_logits
-      out = (logits + dist_logits) / 2 if self.deterministic else (logits, dist_logits)
+    return Outputs(logits, dist_logits, aux)
+
+  def __call__(self, images, *, rngs: nnx.Rngs | jax.Array | None = None,
+               return_aux: bool = False, return_attention: bool = False):
+    """timm's conventions (see the module docstring): the logits, the pair
+    `(cls_logits, dist_logits)` for a distilled model in train mode, their average in eval mode;
+    `(logits, aux)` with `return_aux=True` (aux also holds 'cls_logits' / 'dist_logits')."""
+    out = self.heads(images, rngs=rngs, return_attention=return_attention)
+    if out.dist is None:
+      logits = out.cls
     else:
-      out = logits
-    return (out, aux) if return_aux else out
+      logits = out.both if self.deterministic else (out.cls, out.dist)
+    if not return_aux:
+      return logits
+    aux = dict(out.aux, cls_logits=out.cls)
+    if out.dist is not None:
+      aux["dist_logits"] = out.dist
+    return logits, aux
 
 
 def create_model(name: str, *, seed: int = 0, **overrides) -> DeiT:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from deit_jax import compile_options, data, distill, sharding, step
+from deit_jax import compile_options, data, distill, losses, sharding, step
 from deit_jax.plan import ConfigError, make_plan, validate_config
 from deit_jax.progress import log
 
@@ -38,9 +38,10 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 def precompute_teacher(config, workdir: str) -> dict:
   kind, tcfg = config.distillation.kind, config.teacher
-  if kind not in ("soft", "hard"):
-    raise ConfigError("--mode=precompute_teacher needs config.distillation.kind 'soft' or "
-                            f"'hard' (got {kind!r}): it decides what is stored.")
+  if kind == "none":
+    raise ConfigError("--mode=precompute_teacher needs a distillation kind "
+                      f"(config.distillation.kind one of {losses.KINDS[1:]}, got 'none'): it "
+                      "decides what is stored.")
   if not tcfg.precomputed_dir:
     raise ConfigError("--mode=precompute_teacher needs config.teacher.precomputed_dir (the "
                             "output directory).")

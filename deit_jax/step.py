@@ -89,18 +89,22 @@ def mix_batch(config, plan: Plan, key, images, labels):
       num_groups=plan.num_devices if mix.per_device else 1)
 
 
-def make_train_step(config, plan: Plan, graphdef, tx, schedule,
-                    distillation: distill.Distillation) -> Callable:
-  k = config.grad_accum_steps
-  deit = not is_cnn(config)
+def make_loss_fn(graphdef, distillation: distill.Distillation) -> Callable:
+  """The trained objective: `loss_fn(params, batch_stats, images, targets, teacher_logits, key)
+  -> (loss, (terms, new_batch_stats))`, the model's `heads()` into the run's distillation loss."""
 
   def loss_fn(params, batch_stats, images, targets, teacher_logits, key):
     model = nnx.merge(graphdef, params, batch_stats)
-    out = model(images, rngs=key) if deit else model(images)
-    terms = distillation.loss(out, targets, teacher_logits)
+    terms = distillation.loss(model.heads(images, rngs=key), targets, teacher_logits)
     return terms["loss"], (terms, str_keys(nnx.state(model, nnx.BatchStat)))
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  return loss_fn
+
+
+def make_train_step(config, plan: Plan, graphdef, tx, schedule,
+                    distillation: distill.Distillation) -> Callable:
+  k = config.grad_accum_steps
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, distillation), has_aux=True)
 
   def step(state, batch, teacher_params):
     params, stats = state["params"], state["batch_stats"]
@@ -132,8 +136,11 @@ def make_train_step(config, plan: Plan, graphdef, tx, schedule,
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     # A non-finite loss or update leaves the state untouched; the host then stops the run
-    # naming the step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
+    # naming the step and what was non-finite (loss, gradient or update).
+    grad_norm = optax.tree.norm(grads)
+    loss_ok, grads_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    update_ok = jnp.isfinite(optax.tree.norm(updates))
+    finite = loss_ok & update_ok
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {**state, "params": keep(new_params, params), "batch_stats": keep(new_stats, stats),
                  "opt_state": keep(opt_state, state["opt_state"]), "step": state["step"] + 1}
@@ -141,8 +148,8 @@ def make_train_step(config, plan: Plan, graphdef, tx, schedule,
       new_state["ema"] = optax.incremental_update(persistent(new_state), state["ema"],
                                                   1.0 - config.ema_decay)
     metrics = {"loss": loss, "base_loss": terms["base"], "distill_loss": terms["distill"],
-               "lr": schedule(state["step"]), "grad_norm": optax.tree.norm(grads),
-               "finite": finite}
+               "lr": schedule(state["step"]), "grad_norm": grad_norm, "finite": finite,
+               "finite_loss": loss_ok, "finite_grads": grads_ok, "finite_update": update_ok}
     return new_state, metrics
 
   return step

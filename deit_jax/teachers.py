@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from deit_jax import conv
+from deit_jax.outputs import SingleHead
 
 # PyTorch BatchNorm2d defaults. Flax's momentum weighs the old running value, PyTorch's the new one.
 BN_EPSILON = 1e-5
@@ -244,7 +245,7 @@ class ClassifierHead(nnx.Module):
     return self.fc(_global_avg_pool(x)).astype(jnp.float32)
 
 
-class RegNet(nnx.Module):
+class RegNet(SingleHead, nnx.Module):
   """timm's RegNet (X when se_ratio=0, Y otherwise): stem 3x3/2 conv-BN-ReLU, four stages of
   RegBottleneck blocks (each stage halves the resolution), global average pool, Linear."""
 
@@ -342,7 +343,7 @@ def _resnet_downsample(in_ch, out_ch, stride, dtype, rngs) -> nnx.List | None:
                    _batch_norm(out_ch, rngs=rngs)])
 
 
-class ResNet(nnx.Module):
+class ResNet(SingleHead, nnx.Module):
   """timm's ResNet (default stem, no SE, no anti-aliasing): keys conv1, bn1, layerN.i.*, fc."""
 
   def __init__(self, cfg: ResNetCfg, num_classes: int = 1000, *, in_chans: int = 3,
