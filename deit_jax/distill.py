@@ -100,6 +100,24 @@ class Teacher:
     return jax.lax.stop_gradient(out.astype(jnp.float32))
 
 
+def check_recorded_teacher(workdir: str, checksum: str, path: str) -> None:
+  """A run resuming (its workdir holds checkpoints) must see the teacher its teacher.json
+  recorded: the same weights (sha256), wherever they now are."""
+  record_path = os.path.join(workdir, "teacher.json")
+  ckpts = os.path.join(workdir, "checkpoints")
+  if not (os.path.exists(record_path) and os.path.isdir(ckpts)
+          and any(s.isdigit() for s in os.listdir(ckpts))):
+    return
+  with open(record_path) as f:
+    record = json.load(f)
+  if record.get("sha256") not in (None, checksum):
+    raise TeacherError(
+        f"The teacher checkpoint changed: {workdir} was trained with the teacher recorded in "
+        f"{record_path} ({record.get('checkpoint')}, sha256 {record['sha256']}), but "
+        f"{path} has sha256 {checksum}. Resume with that teacher (or restore its files), or "
+        "start a new --workdir.")
+
+
 def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
   """Loads the configured teacher checkpoint, checks it against the run, records it."""
   tcfg = config.teacher
@@ -117,6 +135,7 @@ def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
   teacher = Teacher(model, student_img_size=config.aug.input_size, student_mean=config.aug.mean,
                     student_std=config.aug.std, img_size=tcfg.img_size, mean=tcfg.mean,
                     std=tcfg.std, mesh=mesh, rules=rules)
+  check_recorded_teacher(workdir, teacher.checksum, tcfg.checkpoint)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     record = {"checkpoint": os.path.abspath(tcfg.checkpoint), "sha256": teacher.checksum,
@@ -329,5 +348,6 @@ class Distillation:
 
   def loss(self, outputs, targets, teacher_logits) -> dict:
     """{'loss', 'base', 'distill'}: the official loss with this run's kind, alpha, tau and
-    reduction (`losses.distillation_terms`)."""
-    return losses.distillation_terms(outputs, targets, teacher_logits, **self._loss_kw)
+    reduction (`losses.distillation_terms`) on the student's `deit_jax.outputs.Outputs`."""
+    return losses.distillation_terms(outputs.cls, outputs.dist, targets, teacher_logits,
+                                     **self._loss_kw)

@@ -5,13 +5,13 @@ exact at any device or process count.
 
 A model may be evaluated at another resolution than it trains at (`config.aug.eval_input_size`;
 DeiT III trains at 192 and evaluates at 224): the eval step's model is built at the eval size and
-the trained position embedding is resized to its grid inside the step, bicubically with the
-prefix rows kept, as loading a checkpoint at another size does.
+the trained position embedding is resized to its grid in the model's forward pass
+(`DeiT._position_embedding`), bicubically with the prefix rows kept, as loading a checkpoint at
+another size does.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
@@ -19,28 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deit_jax import data, models
+from deit_jax import data
 
 
 def eval_input_size(config) -> int:
   """The eval resolution: aug.eval_input_size, or the training input size."""
   return int(config.aug.get("eval_input_size") or config.aug.input_size)
-
-
-def fit_position_grid(model: models.DeiT) -> None:
-  """Resizes (in place, traceable) a position embedding trained for another grid to the model's
-  grid: bicubic (PyTorch's, no antialias), the prefix rows (cls, dist) kept."""
-  cfg = model.config
-  pos = model.pos_embed[...]
-  prefix = cfg.pos_embed_prefix_tokens
-  if pos.shape[1] == cfg.grid_size ** 2 + prefix:
-    return
-  old = int(round(math.sqrt(pos.shape[1] - prefix)))
-  w = jnp.asarray(models._cubic_weights(old, cfg.grid_size), jnp.float32)
-  grid = pos[0, prefix:].reshape(old, old, -1)
-  grid = jnp.einsum("jw,iwd->ijd", w, jnp.einsum("ih,hwd->iwd", w, grid))
-  model.pos_embed = nnx.Param(jnp.concatenate(
-      [pos[:, :prefix], grid.reshape(1, cfg.grid_size ** 2, -1)], axis=1))
 
 
 def make_eval_step(eval_graphdef) -> Callable:
@@ -49,30 +33,30 @@ def make_eval_step(eval_graphdef) -> Callable:
   The step takes the model's variables (parameters, and BatchNorm statistics for CNNs) as one
   nested dict, and the EMA's likewise (or None)."""
 
+  noted = []
+
   def correct(logits, labels, mask):
-    top5 = jax.lax.top_k(logits, 5)[1]
+    # With fewer than 5 classes "top5" is top-C (always 100%), said once per eval step.
+    k = min(5, logits.shape[-1])
+    if k < 5 and not noted:
+      noted.append(k)
+      from absl import logging  # noqa: PLC0415 - only this note uses it
+      logging.warning("The model has %d classes: top5 is top-%d (every label is in it).", k, k)
+    top5 = jax.lax.top_k(logits, k)[1]
     hit1 = (top5[:, 0] == labels)
     hit5 = jnp.any(top5 == labels[:, None], axis=-1)
     return {"top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask)}
 
   def heads(variables, images):
-    model = nnx.merge(eval_graphdef, variables)
-    if not isinstance(model, models.DeiT):  # a CNN (teacher) has one head
-      return {"cls": model(images)}
-    fit_position_grid(model)  # trained at another resolution
-    _, aux = model(images, return_aux=True)
-    out = {"cls": aux["cls_logits"]}
-    if "dist_logits" in aux:
-      out["dist"] = aux["dist_logits"]
-      out["both"] = (aux["cls_logits"] + aux["dist_logits"]) / 2
-    return out
+    # A DeiT trained at another resolution resizes its position grid in the forward pass.
+    return nnx.merge(eval_graphdef, variables).heads(images)
 
   def step(params, ema, batch):
     labels, mask = batch["label"], batch["mask"]
-    res = {name: correct(lg, labels, mask) for name, lg in heads(params, batch["image"]).items()}
+    res = {name: correct(lg, labels, mask)
+           for name, lg in heads(params, batch["image"]).by_head().items()}
     if ema is not None:
-      ema_heads = heads(ema, batch["image"])
-      res["ema"] = correct(ema_heads.get("both", ema_heads["cls"]), labels, mask)
+      res["ema"] = correct(heads(ema, batch["image"]).both, labels, mask)
     res["count"] = jnp.sum(mask)
     return res
 

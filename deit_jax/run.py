@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from deit_jax import checkpoint, compile_options, evaluation, models, sharding, step
-from deit_jax.plan import build_eval_source, synthetic_plan, validate_config
+from deit_jax import checkpoint, compile_options, data, distill, evaluation, models, sharding, step
+from deit_jax.plan import ConfigError, build_eval_source, synthetic_plan, validate_config
 from deit_jax.progress import log
+
+# The mistakes a person running a config makes (config, data, checkpoint, teacher): the launcher
+# prints their message, without a traceback, and exits with status 2.
+USER_ERRORS = (ConfigError, checkpoint.CheckpointError, distill.TeacherError, data.DataError)
 
 
 def _train(config, workdir: str, checkpoint_dir: str | None):
@@ -28,10 +32,50 @@ def _precompute(config, workdir: str, checkpoint_dir: str | None):
   return precompute.precompute_teacher(config, workdir)
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str | None = None):
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *,
+        checkpoint: str | None = None, step: int | None = None):
+  """step: --mode=eval only, the checkpoint step to evaluate (default: the latest)."""
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-  return MODES[mode](config, workdir, checkpoint)
+  if step is not None and mode != "eval":
+    raise ConfigError(f"--step={step} is for --mode=eval (training resumes from the latest step).")
+  return MODES[mode](config, workdir, checkpoint, **({} if step is None else {"step": step}))
+
+
+def _step_folders(directory: str) -> list[int]:
+  """The steps of an Orbax checkpoint directory (its integer-named folders)."""
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def resolve_checkpoint(path: str | None, workdir: str, step: int | None = None
+                       ) -> tuple[str, int | None]:
+  """(checkpoint directory, step) for --checkpoint PATH [--step N]: PATH may be a checkpoint
+  directory, one of its step folders (e.g. workdir/checkpoints/400: that step) or a training
+  workdir (its checkpoints/); None is the workdir's checkpoints. CheckpointError if none is."""
+  if path is None:
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+      raise checkpoint.CheckpointError(
+          f"{workdir} holds no checkpoints/ (nothing trained there yet): train with this "
+          "--config and --workdir first, or pass --checkpoint DIR.")
+  path = os.path.normpath(path)
+  if not os.path.isdir(path):
+    raise checkpoint.CheckpointError(f"--checkpoint {path}: no such directory.")
+  if _step_folders(path):
+    return path, step
+  parent, name = os.path.split(path)
+  if name.isdigit() and int(name) in _step_folders(parent or "."):
+    if step is not None and step != int(name):
+      raise checkpoint.CheckpointError(
+          f"--checkpoint {path} is step {name} of {parent}, but --step={step}: pass "
+          f"--checkpoint {parent} --step={step}.")
+    return parent, int(name)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return resolve_checkpoint(os.path.join(path, "checkpoints"), workdir, step)
+  raise checkpoint.CheckpointError(
+      f"--checkpoint {path} holds no checkpoint steps: pass the directory written by "
+      "`python -m deit_jax.convert` or a training run's <workdir>/checkpoints.")
 
 
 def _variables(model) -> tuple:
@@ -40,19 +84,20 @@ def _variables(model) -> tuple:
   return graphdef, checkpoint.merge_trees(*(step.str_keys(s) for s in states))
 
 
-def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[str, float]:
-  """Top-1/top-5 of a checkpoint (converted or trained; DeiT or CNN) on config's eval split,
-  every head, and the EMA when the checkpoint is a training run's."""
-  ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
+def run_eval(config, workdir: str, checkpoint_dir: str | None = None, step: int | None = None
+             ) -> dict[str, float]:
+  """Top-1/top-5 of a checkpoint (converted or trained; DeiT or CNN; `resolve_checkpoint`) on
+  config's eval split, every head, and the EMA when the checkpoint is a training run's."""
+  ckpt_dir, step = resolve_checkpoint(checkpoint_dir, workdir, step)
   # aug.eval_input_size (DeiT III: trained at 192, evaluated at 224) resizes a DeiT's position
   # grid on load; otherwise the eval transform follows the checkpoint's resolution.
   resize = {}
   if config.aug.get("eval_input_size") and (
-      checkpoint.read_description(ckpt_dir)[0].get("family") == "deit"):
+      checkpoint.read_description(ckpt_dir, step)[0].get("family") == "deit"):
     resize = {"img_size": int(config.aug.eval_input_size)}
-  model = checkpoint.load_model(ckpt_dir, **resize)
+  model = checkpoint.load_model(ckpt_dir, step=step, **resize)
   try:
-    ema = checkpoint.load_model(ckpt_dir, ema=True, **resize)
+    ema = checkpoint.load_model(ckpt_dir, step=step, ema=True, **resize)
   except checkpoint.CheckpointError:
     ema = None  # converted weights and runs without EMA have none
   config = ml_collections.ConfigDict(config.to_dict())
@@ -60,7 +105,7 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None) -> dict[st
     config.aug.input_size = model.config.img_size
     config.aug.eval_input_size = None
   size = config.aug.input_size
-  num_classes = jax.eval_shape(lambda: model(jnp.zeros((1, size, size, 3)))).shape[-1]
+  num_classes = jax.eval_shape(lambda: model.heads(jnp.zeros((1, size, size, 3))).cls).shape[-1]
   source = build_eval_source(config)
   if source.num_classes != num_classes:
     raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
@@ -136,4 +181,5 @@ MODES = {
     "eval": run_eval,
     "benchmark": lambda config, workdir, checkpoint_dir: run_benchmark(config),
     "precompute_teacher": _precompute,
+    "visualize": lambda *args: __import__("deit_jax.visualize").visualize.run_visualize(*args),
 }

@@ -155,6 +155,23 @@ def test_folder_source_bad_layout(image_folder):
     data.FolderSource(str(image_folder), "train", num_classes=1000)
 
 
+def test_folder_splits_are_compared_by_class_name(tmp_path):
+  """A renamed test class (same count) would shift every label after it: refused by name."""
+  png = _encode(np.zeros((8, 8, 3), np.uint8), "PNG")
+  for split, classes in {"train": ("cat", "dog", "fox"), "val": ("cat", "dingo", "fox"),
+                         "test": ("cat", "dog", "fox")}.items():
+    for cls in classes:
+      os.makedirs(tmp_path / split / cls)
+      (tmp_path / split / cls / "a.png").write_bytes(png)
+  cfg = {"source": "folder", "root": str(tmp_path), "split": "train", "validate": "header"}
+  with pytest.raises(data.DataError, match=r"only in 'train': \['dog'\]; only in 'val': "
+                     r"\['dingo'\].*same class directories"):
+    data.build_source({**cfg, "eval_split": "val"})
+  assert data.build_source({**cfg, "eval_split": "test"}).classes == ["cat", "dog", "fox"]
+  # The eval split's own source (split == eval_split) is built as before.
+  assert data.build_source({**cfg, "split": "val", "eval_split": "val"}).num_classes == 3
+
+
 def test_tfds_source_with_mock_data():
   import tensorflow_datasets as tfds
   # USE_CODE mocks `as_data_source` from the builder's features alone (no metadata files).
