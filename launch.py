@@ -229,6 +229,8 @@ def _config_writing(ckpt: str, config_arg: str) -> str | None:
 
 def teacher_error(config, mode: str, config_arg: str) -> str | None:
   """A distillation run whose teacher checkpoint does not exist, with the command writing it."""
+  if "distillation" not in config:  # an experiment (configs/demo.py): each run checks its own
+    return None
   teacher = config.teacher
   if (mode not in ("train", "precompute_teacher") or config.distillation.kind == "none"
       or (mode == "train" and teacher.source != "model") or not teacher.checkpoint
@@ -261,7 +263,8 @@ def main(argv):
   from deit_jax import run
   workdir = _WORKDIR.value or _default_workdir()
   try:
-    result = run.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, step=_STEP.value)
+    result = run.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, step=_STEP.value,
+                     config_spec=flags.FLAGS["config"].config_filename)
   except run.USER_ERRORS as e:
     if tb:
       raise

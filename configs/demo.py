@@ -1,38 +1,35 @@
 r"""python launch.py --config configs/demo.py
 
-The embedded demo: a small DeiT (distillation token included, trained without a teacher here)
-trained from scratch on scikit-learn's 8x8 handwritten digits (1,797 real images, upscaled to
-32 px), on whatever devices exist, a CPU included. It exercises the whole recipe (RandAugment,
-repeated augmentation, Mixup/CutMix, random erasing, AdamW + cosine, EMA, checkpoints, eval);
-the regularisation is dialled down because the data set is tiny.
+DeiT's idea end to end on real digits, on whatever devices exist (a CPU included): trains the
+demo's CNN teacher (configs/demo_teacher.py, a RegNetY-200MF; reused when the workdir already
+holds it), then the demo student with hard distillation through its distillation token
+(configs/demo_distill.py:hard) and the same student without a teacher (:none), and prints the
+results table (teacher; student without teacher; the distilled student's class head,
+distillation head and both; each head's agreement with the teacher), also written to
+<workdir>/results.md and results.json. Each run has its own folder in the workdir
+(teacher/, no_distillation/, hard/), resumable like any run.
+
+  python launch.py --config configs/demo.py --config.seeds=0,1,2    # three student seeds
+  python launch.py --config configs/demo.py --config.students.hard.epochs=60
 """
-from deit_jax import config as base
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_distill  # noqa: E402
+import demo_teacher  # noqa: E402
 
 
 def get_config():
-  c = base.base_config()
-  c.model = "deit_tiny_distilled_patch16_224"
-  c.model_kw.update(patch_size=4, embed_dim=64, num_heads=2, depth=4, drop_path_rate=0.05)
-  c.data.source = "digits"
-  c.data.split = "train"
-  c.data.eval_split = "test"
-  c.data.num_classes = 10
-  c.data.image_size = 32
-  c.aug.input_size = 32
-  c.aug.crop_pct = 1.0
-  c.aug.scale = (0.35, 1.0)
-  c.aug.hflip = 0.0  # digits are not mirror-symmetric
-  c.aug.auto_augment = "rand-m5-mstd0.5-inc1"
-  c.aug.reprob = 0.1
-  c.mixup.prob = 0.3
-  c.batch_size = 32
-  c.eval_batch_size = 128
-  c.epochs = 30
-  c.optimizer.lr = 1e-3
-  c.optimizer.lr_base_batch = 32  # peak lr 1e-3 at batch 32
-  c.optimizer.warmup_epochs = 2.0
-  c.ema_decay = 0.995
-  c.log_every_steps = 100
-  c.eval_every_epochs = 10
-  c.checkpoint_every_steps = 500
+  c = ml_collections.ConfigDict()
+  c.experiment = "demo"  # a comparison of runs: launch.py trains each, then the table
+  c.seeds = (0,)  # the students' seeds; each seed trains every student once
+  c.teacher = demo_teacher.get_config()  # trained in <workdir>/teacher
+  c.teacher_checkpoint = ""  # or an existing teacher checkpoint to use instead of training one
+  c.students = ml_collections.ConfigDict({
+      "no_distillation": demo_distill.get_config("none"),
+      "hard": demo_distill.get_config("hard"),
+  })
   return c

@@ -2,19 +2,21 @@ r"""python launch.py --config configs/demo_teacher.py
 
 Trains the demo's CNN teacher, a RegNetY-200MF (timm's regnety_002, the same RegNetY code as
 the official RegNetY-16GF teacher), on the demo's digits at 32 px; its checkpoints in
-workdirs/demo_teacher/checkpoints are what configs/demo_distill.py distils from.
+workdirs/demo_teacher/checkpoints are what configs/demo_distill.py distils from
+(`python launch.py --config configs/demo.py` trains it in workdirs/demo/teacher).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import demo  # noqa: E402
+import demo_distill  # noqa: E402
 
 
 def get_config():
-  c = demo.get_config()  # same data and input size as the student
+  c = demo_distill.get_config("none")  # same data and input size as the student
   c.model = "regnety_002"
   c.model_kw = {"dtype": "float32", "conv_impl": ""}  # '' = per platform (deit_jax.conv)
+  c.teacher.checkpoint = ""  # the teacher itself has none
   c.aug.reprob = 0.0
   c.aug.num_repeats = 1
   c.mixup.prob = 0.0

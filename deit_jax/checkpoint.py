@@ -72,7 +72,8 @@ def model_description(model: nnx.Module) -> dict:
   return teachers.describe(model)
 
 
-def _build_deit(description: Mapping, abstract: bool, **overrides) -> nnx.Module:
+def deit_config(description: Mapping, **overrides) -> models.DeiTConfig:
+  """The DeiTConfig a DeiT checkpoint's description stores, with `overrides` applied."""
   fields = {f.name for f in dataclasses.fields(models.DeiTConfig)}
   stored = dict(description.get("config") or {})
   unknown = sorted(set(stored) - fields)
@@ -81,9 +82,13 @@ def _build_deit(description: Mapping, abstract: bool, **overrides) -> nnx.Module
         f"Cannot rebuild the model: its description has config field(s) {unknown} that this "
         f"deit_jax does not know (written by a newer version?). Known fields: {sorted(fields)}.")
   try:
-    cfg = dataclasses.replace(models.DeiTConfig(**stored), **overrides).validate()
+    return dataclasses.replace(models.DeiTConfig(**stored), **overrides).validate()
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"Cannot rebuild the model from its description: {e}") from e
+
+
+def _build_deit(description: Mapping, abstract: bool, **overrides) -> nnx.Module:
+  cfg = deit_config(description, **overrides)
   make = lambda: models.DeiT(cfg, rngs=nnx.Rngs(0))
   return nnx.eval_shape(make) if abstract else make()
 
@@ -217,6 +222,15 @@ def save_model(model: nnx.Module, directory: str, *, step: int = 0) -> str:
 def _persistent_filter(model):
   """Parameters, plus BatchNorm statistics for CNN teachers."""
   return nnx.Param if isinstance(model, models.DeiT) else (nnx.Param, nnx.BatchStat)
+
+
+def step_folders(directory: str) -> list[int]:
+  """The steps of an Orbax checkpoint directory (its integer-named folders), sorted; [] when the
+  directory does not exist."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
 
 
 def _open(directory: str, *items: str) -> ocp.CheckpointManager:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deit_jax import checkpoint, conv, losses, sharding
+from deit_jax import checkpoint, conv, losses, progress, sharding
 
 SOURCES = ("model", "precomputed")
 
@@ -77,7 +77,9 @@ class Teacher:
     self.graphdef, state = nnx.split(model)
     self.checksum = model_checksum(model)
     self.img_size = img_size or student_img_size
-    self._resize = self.img_size != student_img_size
+    # Its own resolution, or None: it sees the images at the size they come (the student's;
+    # at eval, the eval size).
+    self._own_size = img_size
     # Undo the student's normalization and apply the teacher's, only if they differ.
     s_mean, s_std = np.asarray(student_mean, np.float32), np.asarray(student_std, np.float32)
     t_mean, t_std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -93,9 +95,10 @@ class Teacher:
     if self._renorm is not None:
       scale, shift = self._renorm
       x = x * scale + shift
-    if self._resize:
-      x = jax.image.resize(x, (x.shape[0], self.img_size, self.img_size, x.shape[-1]),
-                           method="bicubic", antialias=False)
+    size = self._own_size
+    if size and x.shape[1:3] != (size, size):
+      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), method="bicubic",
+                           antialias=False)
     out = nnx.merge(self.graphdef, params)(x)
     return jax.lax.stop_gradient(out.astype(jnp.float32))
 
@@ -104,9 +107,8 @@ def check_recorded_teacher(workdir: str, checksum: str, path: str) -> None:
   """A run resuming (its workdir holds checkpoints) must see the teacher its teacher.json
   recorded: the same weights (sha256), wherever they now are."""
   record_path = os.path.join(workdir, "teacher.json")
-  ckpts = os.path.join(workdir, "checkpoints")
-  if not (os.path.exists(record_path) and os.path.isdir(ckpts)
-          and any(s.isdigit() for s in os.listdir(ckpts))):
+  if not (os.path.exists(record_path)
+          and checkpoint.step_folders(os.path.join(workdir, "checkpoints"))):
     return
   with open(record_path) as f:
     record = json.load(f)
@@ -118,8 +120,9 @@ def check_recorded_teacher(workdir: str, checksum: str, path: str) -> None:
         "start a new --workdir.")
 
 
-def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
-  """Loads the configured teacher checkpoint, checks it against the run, records it."""
+def load_teacher(config, mesh, rules, num_classes: int) -> Teacher:
+  """The configured teacher checkpoint as a `Teacher`, checked against the student's class
+  count; nothing recorded (`load` records it for a training run)."""
   tcfg = config.teacher
   try:
     model = checkpoint.load_model(tcfg.checkpoint)
@@ -132,9 +135,15 @@ def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
   if out.shape[-1] != num_classes:
     raise TeacherError(f"The teacher at {tcfg.checkpoint} predicts {out.shape[-1]} classes but "
                        f"the student has {num_classes}. Use a teacher trained on the same labels.")
-  teacher = Teacher(model, student_img_size=config.aug.input_size, student_mean=config.aug.mean,
-                    student_std=config.aug.std, img_size=tcfg.img_size, mean=tcfg.mean,
-                    std=tcfg.std, mesh=mesh, rules=rules)
+  return Teacher(model, student_img_size=config.aug.input_size, student_mean=config.aug.mean,
+                 student_std=config.aug.std, img_size=tcfg.img_size, mean=tcfg.mean,
+                 std=tcfg.std, mesh=mesh, rules=rules)
+
+
+def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
+  """Loads the configured teacher checkpoint, checks it against the run, records it."""
+  tcfg = config.teacher
+  teacher = load_teacher(config, mesh, rules, num_classes)
   check_recorded_teacher(workdir, teacher.checksum, tcfg.checkpoint)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -143,6 +152,29 @@ def load(config, mesh, rules, num_classes: int, workdir: str) -> Teacher:
     with open(os.path.join(workdir, "teacher.json"), "w") as f:
       json.dump(record, f, indent=2)
   return teacher
+
+
+def eval_teacher(config, mesh, num_classes: int, dist: "Distillation | None" = None
+                 ) -> Teacher | None:
+  """The teacher evaluation compares the student's heads with: the run's own (`dist.teacher`)
+  when it has one, else config.teacher.checkpoint's model whenever that directory exists (a
+  precomputed teacher, a run without distillation, --mode=eval); None without one. In training
+  (`dist` given) a teacher that cannot be loaded is skipped with a warning (a diagnostic never
+  stops the run); in --mode=eval it is a TeacherError."""
+  if dist is not None and dist.teacher is not None:
+    return dist.teacher
+  if not (config.teacher.checkpoint and os.path.isdir(config.teacher.checkpoint)):
+    if config.teacher.checkpoint and dist is None:
+      progress.log(f"config.teacher.checkpoint={config.teacher.checkpoint} does not exist: "
+                   "evaluating without a teacher.")
+    return None
+  try:
+    return load_teacher(config, mesh, [tuple(r) for r in config.sharding.rules], num_classes)
+  except TeacherError as e:
+    if dist is None:
+      raise
+    progress.log(f"WARNING: evaluating without the teacher's agreement: {e}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,11 +137,16 @@ def model_config(name: str, **overrides) -> DeiTConfig:
   """The config of a zoo model, with any field overridden (e.g. num_classes, img_size, depth)."""
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(sorted(MODELS))}.")
+  return override(MODELS[name], name, **overrides).validate()
+
+
+def override(cfg: DeiTConfig, name: str, **overrides) -> DeiTConfig:
+  """`cfg` with fields overridden (not validated); ValueError naming an unknown field."""
   fields = {f.name for f in dataclasses.fields(DeiTConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"Unknown model option(s) {unknown} for {name}. Known options: {sorted(fields)}.")
-  return dataclasses.replace(MODELS[name], **overrides).validate()
+  return dataclasses.replace(cfg, **overrides)
 
 
 class DropPath(nnx.Module):

@@ -20,20 +20,23 @@ def fmt_time(seconds: float) -> str:
 
 
 class MetricWriter:
-  """TensorBoard scalars and `metrics.jsonl` lines in the workdir (a no-op when not enabled)."""
+  """TensorBoard scalars and `metrics.jsonl` lines in the workdir (a no-op when not enabled). The
+  files are opened by the first `write`: a run that writes nothing leaves none."""
 
   def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
-    if not enabled:
-      return
+    self.enabled, self.workdir, self._tb = enabled, workdir, None
+
+  def _open(self):
     from deit_jax import lazy_tf  # tf.summary writes TensorBoard event files
     self._tf = lazy_tf.load()
-    self._tb = self._tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = self._tf.summary.create_file_writer(os.path.join(self.workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:
       return
+    if self._tb is None:
+      self._open()
     with self._tb.as_default():
       for k, v in metrics.items():
         self._tf.summary.scalar(k, v, step=step)
@@ -42,6 +45,6 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self):
-    if self.enabled:
+    if self._tb is not None:
       self._jsonl.close()
       self._tb.close()

@@ -12,7 +12,8 @@ import ml_collections
 from flax import nnx
 
 from deit_jax import checkpoint, compile_options, data, distill, evaluation, models, sharding, step
-from deit_jax.plan import ConfigError, build_eval_source, synthetic_plan, validate_config
+from deit_jax.plan import (ConfigError, build_eval_source, check_eval_checkpoint,
+                           check_eval_classes, synthetic_plan, validate_config)
 from deit_jax.progress import log
 
 # The mistakes a person running a config makes (config, data, checkpoint, teacher): the launcher
@@ -20,10 +21,10 @@ from deit_jax.progress import log
 USER_ERRORS = (ConfigError, checkpoint.CheckpointError, distill.TeacherError, data.DataError)
 
 
-def _train(config, workdir: str, checkpoint_dir: str | None):
+def _train(config, workdir: str, checkpoint_dir: str | None, config_spec: str | None = None):
   del checkpoint_dir
   from deit_jax import train  # the loop: a leaf that only this dispatcher imports
-  return train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(config, workdir, config_spec=config_spec)
 
 
 def _precompute(config, workdir: str, checkpoint_dir: str | None):
@@ -33,19 +34,27 @@ def _precompute(config, workdir: str, checkpoint_dir: str | None):
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str, *,
-        checkpoint: str | None = None, step: int | None = None):
-  """step: --mode=eval only, the checkpoint step to evaluate (default: the latest)."""
+        checkpoint: str | None = None, step: int | None = None, config_spec: str | None = None):
+  """step: --mode=eval only, the checkpoint step to evaluate (default: the latest).
+  config_spec: the --config argument, named by the commands a training run's summary suggests."""
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
   if step is not None and mode != "eval":
     raise ConfigError(f"--step={step} is for --mode=eval (training resumes from the latest step).")
-  return MODES[mode](config, workdir, checkpoint, **({} if step is None else {"step": step}))
-
-
-def _step_folders(directory: str) -> list[int]:
-  """The steps of an Orbax checkpoint directory (its integer-named folders)."""
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+  from deit_jax import experiment  # noqa: PLC0415 - a leaf like train
+  if experiment.is_experiment(config):
+    if mode != "train":
+      raise ConfigError(
+          f"This config is the experiment {config.experiment!r} (a teacher and students, each "
+          f"its own run in {workdir}/<run>, <run> one of teacher, "
+          f"{', '.join(config.students.keys())}); --mode={mode} takes one run's config and "
+          f"checkpoint, e.g. for the demo: --config configs/demo_distill.py:hard --checkpoint "
+          f"workdirs/demo/hard.")
+    return experiment.run_experiment(config, workdir)
+  options = {"step": step} if step is not None else {}
+  if mode == "train":
+    options["config_spec"] = config_spec
+  return MODES[mode](config, workdir, checkpoint, **options)
 
 
 def resolve_checkpoint(path: str | None, workdir: str, step: int | None = None
@@ -62,10 +71,10 @@ def resolve_checkpoint(path: str | None, workdir: str, step: int | None = None
   path = os.path.normpath(path)
   if not os.path.isdir(path):
     raise checkpoint.CheckpointError(f"--checkpoint {path}: no such directory.")
-  if _step_folders(path):
+  if checkpoint.step_folders(path):
     return path, step
   parent, name = os.path.split(path)
-  if name.isdigit() and int(name) in _step_folders(parent or "."):
+  if name.isdigit() and int(name) in checkpoint.step_folders(parent or "."):
     if step is not None and step != int(name):
       raise checkpoint.CheckpointError(
           f"--checkpoint {path} is step {name} of {parent}, but --step={step}: pass "
@@ -87,13 +96,19 @@ def _variables(model) -> tuple:
 def run_eval(config, workdir: str, checkpoint_dir: str | None = None, step: int | None = None
              ) -> dict[str, float]:
   """Top-1/top-5 of a checkpoint (converted or trained; DeiT or CNN; `resolve_checkpoint`) on
-  config's eval split, every head, and the EMA when the checkpoint is a training run's."""
+  config's eval split, every head, and the EMA when the checkpoint is a training run's; with a
+  teacher at config.teacher.checkpoint, its numbers and each head's agreement with it; a
+  distilled DeiT's token similarity. Prints a table, writes <workdir>/eval.json. A checkpoint
+  of another model or class count than the config's is refused before anything loads."""
   ckpt_dir, step = resolve_checkpoint(checkpoint_dir, workdir, step)
+  description, step = checkpoint.read_description(ckpt_dir, step)
+  num_classes = check_eval_checkpoint(config, description, ckpt_dir)
+  source = build_eval_source(config)
+  check_eval_classes(source.num_classes, num_classes, ckpt_dir, "the eval split")
   # aug.eval_input_size (DeiT III: trained at 192, evaluated at 224) resizes a DeiT's position
   # grid on load; otherwise the eval transform follows the checkpoint's resolution.
   resize = {}
-  if config.aug.get("eval_input_size") and (
-      checkpoint.read_description(ckpt_dir, step)[0].get("family") == "deit"):
+  if config.aug.get("eval_input_size") and description.get("family") == "deit":
     resize = {"img_size": int(config.aug.eval_input_size)}
   model = checkpoint.load_model(ckpt_dir, step=step, **resize)
   try:
@@ -104,27 +119,36 @@ def run_eval(config, workdir: str, checkpoint_dir: str | None = None, step: int 
   if isinstance(model, models.DeiT):
     config.aug.input_size = model.config.img_size
     config.aug.eval_input_size = None
-  size = config.aug.input_size
-  num_classes = jax.eval_shape(lambda: model.heads(jnp.zeros((1, size, size, 3))).cls).shape[-1]
-  source = build_eval_source(config)
-  if source.num_classes != num_classes:
-    raise ValueError(f"The eval data has {source.num_classes} classes, the checkpoint "
-                     f"{num_classes}.")
   mesh = sharding.make_mesh()
+  teacher = distill.eval_teacher(config, mesh, num_classes)
   graphdef, variables = _variables(model)
   variables = jax.device_put(variables, sharding.replicated(mesh))
   ema_vars = None if ema is None else jax.device_put(_variables(ema)[1],
                                                      sharding.replicated(mesh))
-  eval_step = compile_options.jit(evaluation.make_eval_step(graphdef))
+  eval_step = compile_options.jit(evaluation.make_eval_step(graphdef, teacher))
   results = evaluation.evaluate(eval_step, variables, ema_vars, source, config,
-                                sharding.batch_sharding(mesh))
-  log("eval of " + ckpt_dir + ": " + ", ".join(
-      f"{k[5:]} {v:.2f}" for k, v in sorted(results.items()) if k != "eval/count"))
+                                sharding.batch_sharding(mesh), teacher)
+  log(f"eval of {ckpt_dir} (step {step}):\n{evaluation.table(results)}")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"checkpoint": os.path.abspath(ckpt_dir), **results}, f, indent=2)
+    _write_eval_json(workdir, results, ckpt_dir, step, config if teacher else None)
   return results
+
+
+def _write_eval_json(workdir: str, results: dict, ckpt_dir: str, step: int, teacher_config):
+  """<workdir>/eval.json: the checkpoint, its step, the table by head, the teacher (when
+  `teacher_config`, the config it came from, is given), the token similarity, and every
+  'eval/...' number."""
+  heads = evaluation.by_head(results)
+  teacher = heads.pop("teacher", None)
+  if teacher is not None:
+    tcfg = teacher_config.teacher
+    teacher = {"checkpoint": os.path.abspath(tcfg.checkpoint),
+               "img_size": tcfg.img_size or teacher_config.aug.input_size, **teacher}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump({"checkpoint": os.path.abspath(ckpt_dir), "step": step,
+               "num_images": int(results["eval/count"]), "heads": heads, "teacher": teacher,
+               "token_cos": results.get("eval/token_cos"), **results}, f, indent=2)
 
 
 def run_benchmark(config, *, warmup: int = 2, iters: int = 10) -> dict[str, float]:

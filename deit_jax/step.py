@@ -14,7 +14,8 @@ from flax import nnx
 
 from deit_jax import checkpoint, compile_options, distill, evaluation, mixup, models
 from deit_jax import sharding, teachers, trees
-from deit_jax.plan import ConfigError, Plan, is_cnn, model_overrides
+from deit_jax.plan import ConfigError, Plan, deit_config, init_checkpoint_step, is_cnn
+from deit_jax.plan import model_name
 
 
 def str_keys(state) -> dict:
@@ -179,7 +180,7 @@ def model_constructor(config) -> Callable[[], nnx.Module]:
     return lambda: teachers.TEACHERS[config.model](
         config.data.num_classes, dtype=jnp.dtype(config.model_kw.dtype),
         conv_impl=config.model_kw.get("conv_impl") or None, rngs=nnx.Rngs(config.seed))
-  cfg = models.model_config(config.model, **model_overrides(config))
+  cfg = deit_config(config)
   return lambda: models.DeiT(cfg, rngs=nnx.Rngs(config.seed))
 
 
@@ -197,7 +198,7 @@ def build_model_state(config, plan: Plan, mesh) -> ModelState:
   if not is_cnn(config) and eval_size != config.aug.input_size:
     # Evaluated at another resolution (DeiT III: train 192, eval 224): the same weights with the
     # position grid resized inside the eval step (evaluation.make_eval_step).
-    cfg = models.model_config(config.model, **{**model_overrides(config), "img_size": eval_size})
+    cfg = deit_config(config, at_eval_size=True)
     at_eval_size = nnx.eval_shape(lambda: models.DeiT(cfg, rngs=nnx.Rngs(0)))
     at_eval_size.eval()
     eval_graphdef = nnx.split(at_eval_size, nnx.Param, nnx.BatchStat)[0]
@@ -240,10 +241,12 @@ def jit_train_step(config, plan: Plan, model: ModelState, mesh,
 
 
 def init_from_checkpoint(config, state, state_sh):
-  """Fine-tuning: the weights of `config.init_checkpoint` (position embeddings resized to this
-  resolution; the heads dropped with `init_skip_head` for a new class count). Optimizer state
+  """Fine-tuning: the weights of `config.init_checkpoint` (a checkpoint directory, one of its
+  step folders or a training workdir; its parameters, not its EMA), position embeddings resized
+  to this resolution, the heads fresh with `init_skip_head` (a new class count). Optimizer state
   and step start fresh; the EMA starts from the loaded weights."""
-  source = checkpoint.load_model(config.init_checkpoint)
+  directory, at_step = init_checkpoint_step(config)
+  source = checkpoint.load_model(directory, step=at_step)
   if not isinstance(source, models.DeiT):
     raise ConfigError(f"config.init_checkpoint={config.init_checkpoint} is not a DeiT checkpoint.")
   flat = checkpoint.model_params(source)
@@ -255,11 +258,12 @@ def init_from_checkpoint(config, state, state_sh):
   try:
     checkpoint.assign_params(target, flat)
   except checkpoint.CheckpointError as e:
-    raise ConfigError(f"config.init_checkpoint does not fit {config.model}: {e}\nFor a new "
-                      "class count set --config.init_skip_head=True.") from e
+    raise ConfigError(f"config.init_checkpoint does not fit {model_name(config)}: {e}\nFor a "
+                      "new class count set --config.init_skip_head=True.") from e
   params = jax.device_put(
       checkpoint.unflatten(checkpoint.model_params(target)), state_sh["params"])
   state = {**state, "params": params}
   if "ema" in state:
-    state["ema"] = jax.device_put(params, state_sh["ema"])
+    # A copy: the step donates params and ema, which must not share buffers.
+    state["ema"] = jax.device_put(persistent(state), state_sh["ema"], may_alias=False)
   return state

@@ -8,13 +8,14 @@ dispatcher (`deit_jax.run`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import ml_collections
@@ -22,7 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from deit_jax import checkpoint, compile_options, data, distill, evaluation, sharding, step
+from deit_jax import (checkpoint, compile_options, data, distill, evaluation, sharding, step,
+                      summary)
 from deit_jax.plan import ConfigError, Plan, build_eval_source, make_plan, validate_config
 from deit_jax.progress import MetricWriter, fmt_time, log
 
@@ -112,16 +114,12 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _has_checkpoints(workdir: str) -> bool:
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(s.isdigit() for s in os.listdir(d))
-
-
 def config_changes(config, workdir: str) -> dict[str, list]:
   """{field: [stored, now]} against the config of the run the workdir resumes ({} for a new
   run); ConfigError listing them if one breaks exactness and config.allow_config_change is off."""
   path = os.path.join(workdir, "config.json")
-  if not (_has_checkpoints(workdir) and os.path.exists(path)):
+  if not (checkpoint.step_folders(os.path.join(workdir, "checkpoints"))
+          and os.path.exists(path)):
     return {}
   with open(path) as f:
     old = _flat(json.load(f))
@@ -210,18 +208,17 @@ class Checkpoints:
   def step_dir(self, step_: int) -> str:
     return os.path.join(self.workdir, "checkpoints", str(step_))
 
-  def candidates(self) -> list[int]:
-    """The steps to resume from, newest first; a step whose files differ from their recorded
-    checksums is skipped with a warning (and kept on disk)."""
-    out = []
+  def candidates(self) -> Iterator[int]:
+    """The steps to resume from, newest first, each verified against its recorded checksums only
+    when reached (a resume reads one step's files, not every kept step's); a step whose files
+    differ is skipped with a warning (and kept on disk)."""
     for s in sorted(self.last.all_steps(), reverse=True):
       problems = checkpoint.checksum_problems(self.step_dir(s))
       if problems:
         log(f"WARNING: checkpoint step {s} in {self.workdir}/checkpoints is corrupt "
             f"({', '.join(problems[:5])}); skipping it (nothing deleted).")
         continue
-      out.append(s)
-    return out
+      yield s
 
   def check_model(self, step_: int | None):
     """A workdir holding another model's checkpoints is refused before anything is written."""
@@ -384,7 +381,7 @@ def distillation(config, plan: Plan, mesh, workdir: str,
 
 
 def initial_state(config, model: step.ModelState, ckpts: Checkpoints,
-                  candidates: list[int]) -> tuple[dict, int]:
+                  candidates: Iterable[int]) -> tuple[dict, int]:
   """(state, first step): the newest restorable checkpoint's (a step that fails to restore is
   skipped with a warning), or a fresh (or fine-tuning) init when the workdir holds none."""
   for s in candidates:
@@ -395,6 +392,7 @@ def initial_state(config, model: step.ModelState, ckpts: Checkpoints,
           f"({type(e).__name__}: {str(e)[:200]}); skipping it (nothing deleted).")
       continue
     log(f"Resumed from {ckpts.workdir} at step {s}.")
+    ckpts.last_saved = s  # what a NaN message names and a stop at this step need not rewrite
     return state, s
   if ckpts.latest_step() is not None:
     raise checkpoint.CheckpointError(
@@ -441,22 +439,27 @@ class Preemption:
 # The run.
 # ==============================================================================================
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       max_steps: int | None = None) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final metrics.
+                       max_steps: int | None = None,
+                       config_spec: str | None = None) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final metrics,
+  "step", "total_steps", "preempted" and "summary", what the run printed at its end (`_report`).
 
   max_steps: stop after this many steps in this invocation, with a checkpoint (for time-sliced
   jobs); a later call resumes exactly where this one stopped. A SIGTERM saves and stops too
   (result["preempted"]; launch.py then exits with PREEMPTED_EXIT_STATUS).
+  config_spec: the --config argument of launch.py (e.g. configs/demo_distill.py:hard), for the
+  commands the summary suggests.
   """
   preemption = Preemption()
   lock = None
   try:
     num_devices = jax.device_count()
     validate_config(config, num_devices)
-    workdir = os.path.abspath(workdir)
+    shown, workdir = workdir, os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     lock = acquire_lock(workdir)
-    return _run(config, workdir, num_devices, preemption, max_steps)
+    return _report(_run(config, workdir, num_devices, preemption, max_steps), shown,
+                   config_spec)
   finally:
     release_lock(lock)
     preemption.restore()
@@ -476,11 +479,17 @@ def _run(config, workdir: str, num_devices: int, preemption: Preemption,
   ckpts = Checkpoints(workdir, config, model.description)
   try:
     candidates = ckpts.candidates()
-    ckpts.check_model(candidates[0] if candidates else None)
+    newest = next(candidates, None)
+    ckpts.check_model(newest)
     changes = config_changes(config, workdir)  # another model: check_model's message first
+    if newest is not None and newest >= plan.total_steps:  # a finished run started again
+      record_config(config, workdir, changes, newest)
+      return {**summary.last_eval(summary.read_metrics(workdir)), "step": newest,
+              "total_steps": plan.total_steps, "preempted": False, "complete": True}
     # The teacher is frozen and never part of the student's checkpoints.
     dist = distillation(config, plan, mesh, workdir, train_source)
-    state, start = initial_state(config, model, ckpts, candidates)
+    state, start = initial_state(config, model, ckpts,
+                                 itertools.chain([] if newest is None else [newest], candidates))
     record_config(config, workdir, changes, start)
     trim_metrics(workdir, start)
     return _loop(config, plan, mesh, model, ckpts, state, start, dist, train_source,
@@ -504,7 +513,10 @@ def _loop(config, plan: Plan, mesh, model, ckpts: Checkpoints, state, start: int
           preemption: Preemption) -> dict[str, Any]:
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step.jit_train_step(config, plan, model, mesh, dist)
-  eval_step = compile_options.jit(evaluation.make_eval_step(model.eval_graphdef))
+  # Each eval also compares the heads with the teacher (the run's own, or a precomputed run's
+  # teacher.checkpoint when it exists) and reports the token similarity.
+  eval_teacher = distill.eval_teacher(config, mesh, plan.num_classes, dist)
+  eval_step = compile_options.jit(evaluation.make_eval_step(model.eval_graphdef, eval_teacher))
   writer = MetricWriter(ckpts.workdir, jax.process_index() == 0)
   accum = (f" ({config.grad_accum_steps} x {plan.micro_batch})"
            if config.grad_accum_steps > 1 else "")
@@ -521,19 +533,21 @@ def _loop(config, plan: Plan, mesh, model, ckpts: Checkpoints, state, start: int
   if preempted:
     _save_and_stop(ckpts, pending, state, start, "SIGTERM")
   t0, done_since_t0 = time.time(), 0
+  wall0 = t0 - (summary.wall_time(summary.read_metrics(ckpts.workdir)) or 0)  # over resumes
   try:
     for i in range(start, start if preempted else plan.total_steps):
       state, metrics = train_step(state, _batch(i, it, dist, plan, batch_sh), dist.params)
       pending.add(i, metrics)
       done, done_since_t0 = i + 1, done_since_t0 + 1
       if due(done, config.log_every_steps, plan.total_steps):
-        _log_progress(plan, writer, pending.means(), done, time.time() - t0, done_since_t0)
+        _log_progress(plan, writer, pending.means(), done, time.time() - t0, done_since_t0,
+                      time.time() - wall0)
         t0, done_since_t0 = time.time(), 0
       epoch, into_epoch = divmod(done, plan.steps_per_epoch)
       best = None
       if (into_epoch == 0 and epoch % config.eval_every_epochs == 0) or done == plan.total_steps:
         final = evaluation.evaluate(eval_step, step.persistent(state), state.get("ema"),
-                                    eval_source, config, batch_sh)
+                                    eval_source, config, batch_sh, eval_teacher)
         log(f"eval at step {done} (epoch {epoch}): " + ", ".join(
             f"{k[5:]} {v:.2f}" for k, v in sorted(final.items())))
         writer.write(done, final)
@@ -553,6 +567,7 @@ def _loop(config, plan: Plan, mesh, model, ckpts: Checkpoints, state, start: int
   final = dict(final)
   final["step"] = int(jax.device_get(state["step"]))
   final["preempted"] = preempted
+  final["total_steps"] = plan.total_steps
   return final
 
 
@@ -564,9 +579,28 @@ def _save_and_stop(ckpts: Checkpoints, pending: PendingMetrics, state, done: int
 
 
 def _log_progress(plan: Plan, writer: MetricWriter, m: dict[str, float], done: int,
-                  elapsed: float, steps: int):
+                  elapsed: float, steps: int, wall: float):
+  """The progress line, and its metrics with `wall`, the run's training seconds so far."""
   ips = steps * plan.global_batch / max(elapsed, 1e-9)
   eta = (plan.total_steps - done) * elapsed / max(steps, 1)
   log(f"step {done}/{plan.total_steps} epoch {done / plan.steps_per_epoch:.2f} "
       f"loss {m['loss']:.4f} lr {m['lr']:.3e} {ips:.1f} img/s eta {fmt_time(eta)}")
-  writer.write(done, {f"train/{k}": v for k, v in m.items()} | {"train/img_per_s": ips})
+  writer.write(done, {f"train/{k}": v for k, v in m.items()}
+               | {"train/img_per_s": ips, summary.WALL_KEY: wall})
+
+
+def _report(result: dict[str, Any], workdir: str, config_spec: str | None) -> dict[str, Any]:
+  """Prints how the run ended: the summary of a finished run (also written to summary.md), or
+  how to resume one that stopped early; returns `result` with it as "summary"."""
+  done, total = result["step"], result["total_steps"]
+  if done < total:
+    text = summary.stopped(workdir, done, total, "SIGTERM" if result["preempted"] else
+                           "max_steps", config_spec)
+  else:
+    text = summary.build(workdir, config_spec)
+    if jax.process_index() == 0:
+      summary.write(workdir, text)
+    if result.pop("complete", False):
+      log(f"{workdir} is complete (step {done}/{total}); nothing to train.")
+  log(text)
+  return {**result, "summary": text}

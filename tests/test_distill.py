@@ -61,6 +61,12 @@ def test_precomputed_teacher_gives_the_in_step_losses(teacher_dir, tmp_path, kin
   a, b = _losses(in_step), _losses(stored)
   assert [s for s, _, _ in a] == [2, 4] and all(d > 0 for _, _, d in a)
   np.testing.assert_allclose(np.array(a)[:, 1:], np.array(b)[:, 1:], rtol=1e-6)
+  # Each eval compares the heads with the teacher: the step's own, or (precomputed) the model at
+  # teacher.checkpoint; the same student and teacher agree alike (to one image of 360).
+  ea, eb = (next(l for l in map(json.loads, open(os.path.join(w, "metrics.jsonl")))
+                 if "eval/top1" in l) for w in (in_step, stored))
+  for key in ("cls_agree", "dist_agree", "both_agree", "ema_agree", "teacher_top1", "token_cos"):
+    assert ea[f"eval/{key}"] == pytest.approx(eb[f"eval/{key}"], abs=0.3), key
   # The run records its teacher; the teacher's weights never enter the student's checkpoint.
   record = json.load(open(os.path.join(in_step, "teacher.json")))
   assert record["checkpoint"] == os.path.abspath(teacher_dir) and len(record["sha256"]) == 64

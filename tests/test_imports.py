@@ -44,6 +44,8 @@ CONFIG_ARGS = {
     "demo": [None],
     "demo_distill": [None, "hard", "soft", "none"],
     "demo_teacher": [None],
+    "finetune": [None, "new_head", "384", "new_head,demo", "384,demo"],
+    "table3": [None],
 }
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 

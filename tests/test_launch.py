@@ -98,14 +98,14 @@ def test_readme_python_api_snippet_runs_twice():
 
 
 def test_launcher_mistakes_are_one_line_and_status_2(tmp_path):
-  typo = _launch("--config", "configs/demo.py", "--config.batchsize=8")
+  typo = _launch("--config", "configs/demo_distill.py:none", "--config.batchsize=8")
   assert (typo.returncode, typo.stderr.strip()) == (2, "error: --config.batchsize: no such config "
                                                     "field; did you mean --config.batch_size or "
                                                     "--config.eval_batch_size?")
   missing = _launch("--config", "configs/nope.py")
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert "the file configs/nope.py does not exist" in missing.stderr
-  group = _launch("--config", "configs/demo.py", "--config.data=/data/x")
+  group = _launch("--config", "configs/demo_distill.py:none", "--config.data=/data/x")
   assert group.returncode == 2 and "config.data is a group of fields" in group.stderr
   assert _launch("--help").returncode == 0
   teacher = _launch("--config", os.path.join(ROOT, "configs", "demo_distill.py:hard"),
@@ -117,10 +117,10 @@ def test_launcher_mistakes_are_one_line_and_status_2(tmp_path):
 
 def test_runtime_mistakes_are_one_line_and_status_2(tmp_path):
   """A checkpoint error raised inside the run (after jax is up), before any compile."""
-  p = _launch("--config", "configs/demo.py", "--mode=eval", "--workdir", str(tmp_path / "w"),
-              "--checkpoint", str(tmp_path / "nope"))
+  p = _launch("--config", "configs/demo_distill.py:none", "--mode=eval",
+              "--workdir", str(tmp_path / "w"), "--checkpoint", str(tmp_path / "nope"))
   assert (p.returncode, p.stderr.strip()) == (
       2, f"error: --checkpoint {tmp_path / 'nope'}: no such directory.")
-  tb = _launch("--config", "configs/demo.py", "--mode=eval", "--traceback",
+  tb = _launch("--config", "configs/demo_distill.py:none", "--mode=eval", "--traceback",
                "--checkpoint", str(tmp_path / "nope"))
   assert tb.returncode == 1 and "Traceback" in tb.stderr and "CheckpointError" in tb.stderr

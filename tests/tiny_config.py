@@ -1,16 +1,18 @@
 r"""python launch.py --config tests/tiny_config.py
 
-The demo (configs/demo.py) shrunk for tests: 2 blocks, 16 px, batch 16, 6 steps.
+The demo student (configs/demo_distill.py:none) shrunk for tests: 2 blocks, 16 px, batch 16, 6 steps.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-import demo  # noqa: E402
+import demo_distill  # noqa: E402
 
 
 def get_config():
-  c = demo.get_config()
+  c = demo_distill.get_config("none")
+  c.model = "deit_tiny_distilled_patch16_224"  # the distillation token, trained without a teacher
+  c.teacher.checkpoint = ""
   c.model_kw.update(patch_size=8, embed_dim=48, num_heads=3, depth=2, drop_path_rate=0.1)
   c.aug.auto_augment = "rand-m9-mstd0.5-inc1"
   c.aug.reprob = 0.25
