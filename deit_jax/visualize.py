@@ -1,7 +1,7 @@
 r"""Pictures of where a DeiT's class and distillation tokens look, and how alike they are.
 
-  python -m deit_jax.visualize --checkpoint workdirs/demo/checkpoints --config configs/demo.py
-  python launch.py --config configs/demo.py --mode=visualize --checkpoint workdirs/demo/checkpoints
+  python -m deit_jax.visualize --checkpoint workdirs/demo/hard --config configs/demo_distill.py:hard
+  python launch.py --config configs/demo_distill.py:hard --mode=visualize --workdir workdirs/demo/hard
 
 For the first `--num_images` images of the config's eval split (its eval transform and
 normalization, un-normalized for display) it writes to `--out` (default `<workdir>/pictures`):
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="a run's <workdir>/checkpoints (or the workdir, or a step folder) or a "
                       "converted-weights directory")
   p.add_argument("--config", required=True, help="config whose eval split to use, e.g. "
-                 "configs/demo.py")
+                 "configs/demo_distill.py:hard")
   p.add_argument("--out", default=None, help="output directory (default: <workdir>/pictures "
                  "for <workdir>/checkpoints, else <checkpoint>_pictures)")
   p.add_argument("--num_images", type=int, default=6)

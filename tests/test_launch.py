@@ -38,7 +38,7 @@ def _config(name, arg=None):
 
 
 def test_override_messages(launch):
-  c = _config("demo")
+  c = _config("demo_distill", "none")
   assert launch.override_error(c, "batch_size") is None
   assert launch.override_error(c, "data.root") is None
   assert launch.override_error(c, "batchsize").startswith(
@@ -49,6 +49,9 @@ def test_override_messages(launch):
   assert "--config.data.source=folder --config.data.root=/data/flowers" in msg
   assert "--config.data.path=x.npz" in launch.override_error(c, "data", "x.npz")
   assert "is a value ('digits')" in launch.override_error(c, "data.source.x")
+  # An experiment's runs are groups: a typo inside one is found with its own suggestion.
+  assert "did you mean --config.students.hard.epochs?" in launch.override_error(
+      _config("demo"), "students.hard.epoch")
 
 
 def test_config_file_messages(launch):
