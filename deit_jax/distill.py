@@ -32,7 +32,7 @@ class TeacherError(ValueError):
   """The teacher cannot be used for this run; raised before anything is compiled."""
 
 
-def validate_teacher_config(teacher_cfg, kind: str) -> None:
+def validate_teacher_config(teacher_cfg, kind: str, *, must_exist: bool = True) -> None:
   if teacher_cfg.source not in SOURCES:
     raise TeacherError(f"config.teacher.source={teacher_cfg.source!r}; use one of {SOURCES}.")
   try:
@@ -44,7 +44,7 @@ def validate_teacher_config(teacher_cfg, kind: str) -> None:
         f"config.distillation.kind={kind!r} needs a teacher: set --config.teacher.checkpoint to "
         "an Orbax checkpoint (convert regnety_160-a5fe301d.pth with `python -m deit_jax.convert "
         "--model regnety_160 ...`), or --config.distillation.kind=none to train without one.")
-  if teacher_cfg.source == "model" and not os.path.isdir(teacher_cfg.checkpoint):
+  if must_exist and teacher_cfg.source == "model" and not os.path.isdir(teacher_cfg.checkpoint):
     raise TeacherError(f"config.teacher.checkpoint={teacher_cfg.checkpoint!r} is not a "
                        "directory; expected an Orbax checkpoint written by deit_jax.")
   if teacher_cfg.source == "precomputed" and not teacher_cfg.precomputed_dir:

@@ -66,9 +66,11 @@ def stages(config, workdir: str) -> list[dict[str, Any]]:
 
 def _validate(runs: list[dict]):
   """Every run's config is checked before the first one trains."""
+  trains_teacher = runs[0]["name"] == "teacher"
   for r in runs:
     try:
-      validate_config(r["config"], jax.device_count())
+      validate_config(r["config"], jax.device_count(),
+                      teacher_pending=trains_teacher and r is not runs[0])
     except ConfigError as e:
       raise ConfigError(f"config.{'teacher' if r['name'] == 'teacher' else 'students.' + r['name']}"
                         f": {e}") from e

@@ -202,8 +202,9 @@ def _check_heads(config, cfg) -> None:
     deit_config(config, at_eval_size=True)
 
 
-def validate_config(config, num_devices: int) -> None:
-  """Every check that needs no data and no compilation."""
+def validate_config(config, num_devices: int, *, teacher_pending: bool = False) -> None:
+  """Every check that needs no data and no compilation. teacher_pending: the teacher checkpoint
+  is written by an earlier run of the same experiment, so it need not exist yet."""
   if not config.data.num_classes:
     raise ConfigError("config.data.num_classes must be set (e.g. 1000 for ImageNet).")
   cfg = _model_config(config)
@@ -215,7 +216,7 @@ def validate_config(config, num_devices: int) -> None:
     raise ConfigError(str(e)) from e
   if dist.kind != "none":
     try:
-      distill.validate_teacher_config(config.teacher, dist.kind)
+      distill.validate_teacher_config(config.teacher, dist.kind, must_exist=not teacher_pending)
     except distill.TeacherError as e:
       raise ConfigError(str(e)) from e
   _check_heads(config, cfg)
