@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from deit_jax import evaluation
 from deit_jax.plan import ConfigError, validate_config
 from deit_jax.progress import fmt_time, log
 
@@ -79,14 +80,11 @@ def _validate(runs: list[dict]):
 
 
 def _head_numbers(results: dict[str, float]) -> dict[str, dict[str, float]]:
-  """{head: {'top1', 'agree'}} from run_eval's results (agreement only when it was measured)."""
-  out = {}
-  for head in HEADS:
-    if f"eval/{head}_top1" in results:
-      out[head] = {"top1": results[f"eval/{head}_top1"]}
-      if f"eval/{head}_agree" in results:
-        out[head]["agree"] = results[f"eval/{head}_agree"]
-  return out
+  """{head: {'top1', 'agree'}} of the student's heads from run_eval's results (`by_head`;
+  agreement only when it was measured)."""
+  rows = evaluation.by_head(results)
+  return {head: {m: rows[name][m] for m in ("top1", "agree") if m in rows[name]}
+          for head, name in evaluation.HEAD_NAMES.items() if head in HEADS and name in rows}
 
 
 def run_experiment(config, workdir: str) -> dict[str, Any]:
