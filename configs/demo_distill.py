@@ -57,4 +57,5 @@ def get_config(kind="hard"):
   # A plain student has no teacher in its loss; its eval still compares with this teacher.
   # (`configs/demo.py` points it at the teacher it trains in its own workdir.)
   c.teacher.checkpoint = "workdirs/demo_teacher/checkpoints"
+  c.teacher.conv_impl = "taps"  # as configs/demo_teacher.py trains it: quick to compile
   return c

@@ -65,8 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
       "precompute_epochs": FieldReference(None, field_type=int),
       "img_size": FieldReference(None, field_type=int),  # default: the student's resolution
       "mean": image_ops.IMAGENET_MEAN, "std": image_ops.IMAGENET_STD,
-      # A CNN teacher's convolutions: 'xla' | 'dense' | '' (per platform: 'dense' on CPU,
-      # 'xla' = cuDNN on GPU); see deit_jax.conv.
+      # A CNN teacher's convolutions: 'xla' | 'dense' | 'taps' | '' (per platform: 'dense' on
+      # CPU, 'xla' = cuDNN on GPU); see deit_jax.conv.
       "conv_impl": ""})
 
   c.init_checkpoint = ""  # start from these weights (fine-tuning); pos_embed resized

@@ -734,6 +734,12 @@ def _processes(process_index, process_count, global_batch_size) -> tuple[int, in
 # ----------------------------------------------------------------------------------------------
 # Streams.
 # ----------------------------------------------------------------------------------------------
+def _no_autograph(fn: Callable) -> Callable:
+  """`fn` traced as written: the transforms use tf.cond / tf.switch_case themselves, and
+  AutoGraph's source conversion of them cost ~9 s per stream (each run, each eval stream)."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # Parallel maps, but results in order: the stream is reproducible.
@@ -789,7 +795,7 @@ def train_iterator(source: Source, cfg: ml_collections.ConfigDict, *, global_bat
     return {"image": image, "label": label, "index": index, "step": step}
 
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_dataset)  # Endless.
-  ds = ds.map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.map(_no_autograph(load), num_parallel_calls=_AUTOTUNE, deterministic=True)
   # Each epoch yields whole local batches, so batches never straddle steps.
   ds = ds.batch(local_b, drop_remainder=True)
   ds = ds.map(lambda b: {**b, "step": b["step"][0]}).prefetch(_AUTOTUNE).with_options(_options())
@@ -822,7 +828,7 @@ def eval_iterator(source: Source, cfg: ml_collections.ConfigDict, *, global_batc
     return {"image": image, "label": label, "index": index, "mask": tf.cast(real, tf.float32)}
 
   ds = tf.data.Dataset.from_tensor_slices((index, real))
-  ds = ds.map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.map(_no_autograph(load), num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = ds.batch(local_b, drop_remainder=True).prefetch(_AUTOTUNE).with_options(_options())
   return _numpy_stream(ds)
 

@@ -25,11 +25,13 @@ def test_dense_matches_lax(k, stride, groups, cin, cout):
   ref = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      feature_group_count=groups)
-  np.testing.assert_allclose(jax.jit(f("dense"))(x, w), ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(jax.jit(f("xla"))(x, w), ref, rtol=1e-5, atol=1e-5)
   loss = lambda impl: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(impl)(x, w))), argnums=(0, 1))
-  for got, want in zip(jax.jit(loss("dense"))(x, w), jax.jit(loss("xla"))(x, w)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  want = jax.jit(loss("xla"))(x, w)
+  np.testing.assert_allclose(jax.jit(f("xla"))(x, w), ref, rtol=1e-5, atol=1e-5)
+  for impl in ("dense", "taps"):
+    np.testing.assert_allclose(jax.jit(f(impl))(x, w), ref, rtol=1e-5, atol=1e-5)
+    for got, w_ in zip(jax.jit(loss(impl))(x, w), want):
+      np.testing.assert_allclose(got, w_, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_module_matches_nnx_conv():
@@ -50,6 +52,7 @@ def test_teacher_impls_agree_and_default_per_platform():
   outs = {impl: teachers.create_teacher("regnety_002", num_classes=10, conv_impl=impl)(x)
           for impl in conv.IMPLS}
   np.testing.assert_allclose(outs["dense"], outs["xla"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outs["taps"], outs["xla"], rtol=1e-4, atol=1e-4)
   model = teachers.create_teacher("regnety_002", num_classes=10, conv_impl="xla")
   assert model.s1.b1.conv2.conv.conv_impl == "xla"
   conv.set_conv_impl(model, None)
@@ -57,5 +60,5 @@ def test_teacher_impls_agree_and_default_per_platform():
 
 
 def test_bad_impl_is_named():
-  with pytest.raises(ValueError, match="conv_impl='cudnn'.*'xla', 'dense'"):
+  with pytest.raises(ValueError, match="conv_impl='cudnn'.*'xla', 'dense', 'taps'"):
     teachers.create_teacher("resnet18", conv_impl="cudnn")
