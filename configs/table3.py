@@ -12,7 +12,7 @@ trained five ways:
                     distillation head and both heads reported
 
 at the demo's budget (`EPOCHS`, 30: 1,320 steps at batch 32, each student ~3 min on 2 idle CPU
-cores, the 16 runs of 3 seeds ~45 min). At 30 epochs the students' training losses are still
+cores, the 16 runs of 3 seeds ~45-50 min). At 30 epochs the students' training losses are still
 falling (mean loss over epochs 15-20, 20-25, 25-30: ~1.9, ~1.75, ~1.65 for the distilled ones) and
 their accuracy still rises: the table compares the strategies at one fixed, short budget, not at
 convergence. A longer budget: edit EPOCHS (all students), or `--config.students.<name>.epochs=N`.

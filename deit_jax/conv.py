@@ -2,7 +2,7 @@
 
 `conv2d(x, kernel, stride, padding, groups, impl)` computes exactly what
 `lax.conv_general_dilated` computes (NHWC input, HWIO kernel, symmetric padding, feature groups),
-by one of two implementations:
+by one of three implementations:
 
 - `'xla'`: `lax.conv_general_dilated` itself. On GPU this is cuDNN, the fastest there.
 - `'dense'`: only dense kernels, which XLA's CPU backend runs near its matmul peak in both
@@ -14,10 +14,11 @@ by one of two implementations:
   machine's fp32 matmul peak is ~165). `benchmarks/speed.py` measures whole models.
 - `'taps'`: `'dense'`, except that a grouped k x k convolution is one batched matmul over the
   groups of its k*k shifted input windows (stacked, [..., k*k, groups, in/group]). One program
-  op per convolution instead of one per group: a RegNetY-200MF train step (~400 grouped
-  convolutions of 8 channels per group, forward) compiles in ~6 s instead of ~35 s, and runs at
-  ~2/3 of `'dense'`'s speed (batch 64 at 32 px on the development CPU: ~1,000 vs ~1,600 img/s).
-  The right choice where compiling dominates (the demo's short runs).
+  op per convolution instead of one per group: a RegNetY-200MF forward + backward (~400 grouped
+  convolutions of 8 channels per group, forward; batch 64 at 32 px, jitted `value_and_grad` of
+  the eval-mode model on the development CPU) compiles in ~6 s instead of ~35 s and runs at ~2/3
+  of `'dense'`'s speed (~1,000 vs ~1,600 img/s). The right choice where compiling dominates (the
+  demo's short runs).
 
 `impl=None` picks per platform: `'dense'` on CPU, `'xla'` elsewhere. Every implementation is
 the same function of its inputs (to float32 round-off; tested against `lax`).
@@ -31,8 +32,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-IMPLS = ("xla", "dense", "taps")
-
 
 def default_impl() -> str:
   return "dense" if jax.default_backend() == "cpu" else "xla"
@@ -40,7 +39,7 @@ def default_impl() -> str:
 
 def check_impl(impl: str | None) -> None:
   if impl not in (None, "") + IMPLS:
-    raise ValueError(f"conv_impl={impl!r}: use 'xla', 'dense', 'taps' or None / '' (per "
+    raise ValueError(f"conv_impl={impl!r}: use {', '.join(map(repr, IMPLS))} or None / '' (per "
                      "platform: 'dense' on CPU, 'xla' on GPU/TPU).")
 
 
@@ -82,12 +81,16 @@ def _dense(x, kernel, stride, padding, groups):
        for g in range(groups)], axis=-1)
 
 
+_FORMS = {"xla": _xla, "dense": _dense, "taps": _taps}
+IMPLS = tuple(_FORMS)
+
+
 def conv2d(x, kernel, *, stride: int = 1, padding: int = 0, groups: int = 1,
            impl: str | None = None):
   """NHWC x HWIO convolution with symmetric `padding`; see the module docstring for `impl`."""
   impl = impl or default_impl()
   check_impl(impl)
-  return {"xla": _xla, "dense": _dense, "taps": _taps}[impl](x, kernel, stride, padding, groups)
+  return _FORMS[impl](x, kernel, stride, padding, groups)
 
 
 class Conv(nnx.Module):

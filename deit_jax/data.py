@@ -736,7 +736,7 @@ def _processes(process_index, process_count, global_batch_size) -> tuple[int, in
 # ----------------------------------------------------------------------------------------------
 def _no_autograph(fn: Callable) -> Callable:
   """`fn` traced as written: the transforms use tf.cond / tf.switch_case themselves, and
-  AutoGraph's source conversion of them cost ~9 s per stream (each run, each eval stream)."""
+  AutoGraph's source conversion of them cost ~6 s per stream (each run, each eval stream)."""
   return tf.autograph.experimental.do_not_convert(fn)
 
 
