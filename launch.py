@@ -260,7 +260,8 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _cluster_detected():
     jax.distributed.initialize()
-  from deit_jax import run
+  from deit_jax import host_memory, run
+  host_memory.configure()
   workdir = _WORKDIR.value or _default_workdir()
   try:
     result = run.run(_MODE.value, config, workdir, checkpoint=_CHECKPOINT.value, step=_STEP.value,

@@ -43,7 +43,8 @@ def jax_ops(reps: int) -> dict[str, float]:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   import jax.numpy as jnp
-  from deit_jax import compile_options
+  from deit_jax import compile_options, host_memory
+  host_memory.configure()
   k = jax.random.key(0)
   x, q = jax.random.normal(k, (B * N, D)), jax.random.normal(k, (B, H, N, HD))
   s, h = jax.random.normal(k, (B, H, N, N)), jax.random.normal(k, (B * N, 4 * D))

@@ -62,7 +62,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from deit_jax import checkpoint, compile_options, distill, models, sharding, step  # noqa: E402
+from deit_jax import (checkpoint, compile_options, distill, host_memory, models,  # noqa: E402
+                      sharding, step)
 from deit_jax import teachers  # noqa: E402
 from deit_jax import plan as plan_lib  # noqa: E402
 from deit_jax import config as base  # noqa: E402
@@ -861,6 +862,10 @@ def _header(args, rows, n: int, dev, mem_limit) -> tuple[dict, str, int, str]:
                     f"{os.getloadavg()[0]:.2f} at start",
             "dtype": dtype, "rounds x iters (+warmup)": f"{args.rounds} x {args.iters} "
                                                          f"(+{args.warmup})"}
+  if dev.platform == "cpu":
+    header["host malloc"] = ("heap reused (deit_jax.host_memory)" if host_memory.configure("cpu")
+                             else "as the environment sets it (MALLOC_* / GLIBC_TUNABLES)"
+                             if host_memory.user_chose() else "the C library's default")
   free, free_kind = free_memory(mem_limit)
   header["free memory"] = f"{_gib(free)} ({free_kind})"
   return header, dtype, free, free_kind
