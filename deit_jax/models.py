@@ -211,7 +211,52 @@ class Mlp(nnx.Module):
     self.fc2 = nnx.Linear(hidden, dim, kernel_init=_trunc02, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf GELU
+    return self.fc2(gelu(self.fc1(x)))
+
+
+# Eigen's and XLA's float32 erf: x * P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) = 1 in fp32).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+          -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def _erf32(x):
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p, q = _ERF_P[0], _ERF_Q[0]
+  for c in _ERF_P[1:]:
+    p = p * x2 + c
+  for c in _ERF_Q[1:]:
+    q = q * x2 + c
+  return x * p / q
+
+
+def _gelu_cdf(x):
+  return 0.5 * (1 + _erf32(x.astype(jnp.float32) * (1 / math.sqrt(2))))
+
+
+@jax.custom_jvp
+def gelu(x):
+  """The exact (erf) GELU in PyTorch's form, x/2 * (1 + erf(x/sqrt(2))), computed in float32.
+
+  Same function as `jax.nn.gelu(approximate=False)` (within ~1.5e-6 of float64 on [-8, 8], as is
+  torch's), written so that XLA's CPU backend runs it fast: jax's goes through erfc and its
+  autodiff, 5.3 ms forward and 32 ms forward+backward over [12672, 768] fp32 on the 2-core
+  development CPU, against 1.9 and 7.6 ms here (the derivative is given in closed form,
+  cdf(x) + x * pdf(x)). erf is spelled out as a polynomial because `lax.erf` is serialized as
+  a StableHLO composite that TensorFlow's SavedModel runtime cannot read.
+  """
+  return (x * _gelu_cdf(x)).astype(x.dtype)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  x32, cdf = x.astype(jnp.float32), _gelu_cdf(x)
+  slope = cdf + x32 * (1 / math.sqrt(2 * math.pi)) * jnp.exp(-0.5 * x32 * x32)
+  return (x32 * cdf).astype(x.dtype), (slope * t).astype(t.dtype)
 
 
 class LayerScale(nnx.Module):
