@@ -43,7 +43,7 @@ def jax_ops(reps: int) -> dict[str, float]:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   import jax.numpy as jnp
-  from deit_jax import compile_options, host_memory
+  from deit_jax import compile_options, host_memory, models
   host_memory.configure()
   k = jax.random.key(0)
   x, q = jax.random.normal(k, (B * N, D)), jax.random.normal(k, (B, H, N, HD))
@@ -62,7 +62,7 @@ def jax_ops(reps: int) -> dict[str, float]:
     p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qq * HD ** -0.5, kk), -1)
     o = jnp.einsum("bhqk,bhkd->bhqd", p, vv).transpose(0, 2, 1, 3).reshape(B, N, D)
     t = t + o @ w["proj"]
-    return t + jax.nn.gelu(ln(t) @ w["fc1"], approximate=False) @ w["fc2"]
+    return t + models.gelu(ln(t) @ w["fc1"]) @ w["fc2"]
 
   cases = {"qkv matmul": (lambda a: a @ w["qkv"], x),
            "q @ k^T": (lambda a: jnp.einsum("bhqd,bhkd->bhqk", a, a), q),
@@ -70,7 +70,7 @@ def jax_ops(reps: int) -> dict[str, float]:
            "proj matmul": (lambda a: a @ w["proj"], x), "fc1 matmul": (lambda a: a @ w["fc1"], x),
            "fc2 matmul": (lambda a: a @ w["fc2"], h),
            "softmax": (lambda a: jax.nn.softmax(a, -1), s),
-           "gelu (erf)": (lambda a: jax.nn.gelu(a, approximate=False), h), "layernorm": (ln, x),
+           "gelu (erf)": (models.gelu, h), "layernorm": (ln, x),
            "block": (block, x)}
   out = {}
   for name, (f, a) in cases.items():

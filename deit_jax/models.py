@@ -241,12 +241,13 @@ def _gelu_cdf(x):
 def gelu(x):
   """The exact (erf) GELU in PyTorch's form, x/2 * (1 + erf(x/sqrt(2))), computed in float32.
 
-  Same function as `jax.nn.gelu(approximate=False)` (within ~1.5e-6 of float64 on [-8, 8], as is
-  torch's), written so that XLA's CPU backend runs it fast: jax's goes through erfc and its
-  autodiff, 5.3 ms forward and 32 ms forward+backward over [12672, 768] fp32 on the 2-core
-  development CPU, against 1.9 and 7.6 ms here (the derivative is given in closed form,
-  cdf(x) + x * pdf(x)). erf is spelled out as a polynomial because `lax.erf` is serialized as
-  a StableHLO composite that TensorFlow's SavedModel runtime cannot read.
+  Same function as `jax.nn.gelu(approximate=False)` (largest error against float64 over 9.7M
+  samples of 2 * N(0, 1): 1.5e-6 here, 3.8e-7 for jax's), written so that XLA's CPU backend runs
+  it fast: jax's goes through erfc and its autodiff, 5.3 ms forward and 32 ms forward+backward
+  over [12672, 768] fp32 on the 2-core development CPU, against 1.9 and 7.6 ms here (the
+  derivative is given in closed form, cdf(x) + x * pdf(x)). erf is spelled out as a polynomial
+  because `lax.erf` is serialized as a StableHLO composite that TensorFlow's SavedModel runtime
+  cannot read.
   """
   return (x * _gelu_cdf(x)).astype(x.dtype)
 
